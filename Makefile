@@ -1,0 +1,31 @@
+# sdlearn: `make lab` to learn, `make test` to check everything, `make notebooks` to re-run lessons.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.sdlearn-installed
+
+.PHONY: lab test test-fast notebooks clean-venv
+
+# Create the virtual environment once, and reinstall whenever the pins change.
+$(STAMP): requirements.txt pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "sdlearn needs Python 3.11 or newer; run: make PYTHON=python3.11 ..."'
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
+	$(PY) -m ipykernel install --sys-prefix --name sdlearn --display-name "sdlearn (Python 3)" >/dev/null
+	@touch $(STAMP)
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks/00_welcome.ipynb
+
+test: $(STAMP)
+	$(VENV)/bin/pytest
+
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest tests -m "not slow"
+
+notebooks: $(STAMP)
+	$(PY) tools/execute_notebooks.py $(if $(NB),$(NB),notebooks/*.ipynb)
+
+clean-venv:
+	rm -rf $(VENV)
