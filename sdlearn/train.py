@@ -1,0 +1,219 @@
+"""One small, reusable training loop for every lesson and training script.
+
+    history = train(model, loss_fn, data, steps=500, lr=1e-3)
+
+The loop is the textbook one, written out once:
+
+    for step in range(steps):
+        batch = next(data)                      # cycled iterable, or data(step)
+        loss = loss_fn(model, batch)            # the lesson decides what is learned
+        loss.backward(); clip; optimizer.step(); optimizer.zero_grad()
+
+around it: seeding (the same seed gives the same run), AdamW with an optional cosine
+schedule, a progress bar with the running loss, a loss history, periodic samples, and a
+checkpoint that can be resumed exactly (model, optimizer, step and RNG state). A
+checkpoint that exists is never overwritten by a fresh run: resume it, or choose another
+path.
+"""
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class History:
+    """What a training run produced: the loss at every step, samples, and wall time."""
+
+    losses: list = field(default_factory=list)
+    samples: list = field(default_factory=list)  # (step, sample)
+    seconds: float = 0.0
+    start_step: int = 0
+
+    def smoothed(self, window: int = 20) -> list:
+        """Running mean over `window` steps (what the progress bar shows)."""
+        out, total = [], 0.0
+        for i, loss in enumerate(self.losses):
+            total += loss
+            if i >= window:
+                total -= self.losses[i - window]
+            out.append(total / min(i + 1, window))
+        return out
+
+    def plot(self, ax=None, window: int = 20, title: str = "training loss"):
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            _, ax = plt.subplots(figsize=(5, 3), dpi=80)
+        steps = range(self.start_step, self.start_step + len(self.losses))
+        ax.plot(steps, self.losses, alpha=0.3, label="per step")
+        ax.plot(steps, self.smoothed(window), label=f"mean of {window}")
+        ax.set(xlabel="step", ylabel="loss", title=title)
+        ax.legend()
+        return ax
+
+
+def move_to(batch: Any, device) -> Any:
+    """Move tensors (also inside tuples, lists and dicts) to `device`; leave the rest."""
+    if device is None:
+        return batch
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(move_to(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: move_to(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _batches(data) -> Callable[[int], Any]:
+    """Turn `data` into a function step -> batch: callables are used as they are,
+    iterables are cycled (re-iterated, so a shuffling DataLoader reshuffles each epoch)."""
+    if callable(data) and not isinstance(data, Iterable):
+        return data
+
+    def forever():
+        while True:
+            empty = True
+            for batch in data:
+                empty = False
+                yield batch
+            if empty:
+                raise ValueError("train() got an empty dataset: it yielded no batches.")
+
+    stream = forever()
+    return lambda step: next(stream)
+
+
+def _lr_factor(schedule: str | None, step: int, steps: int, warmup: int) -> float:
+    if schedule is None:
+        return 1.0
+    if schedule == "cosine":
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    raise ValueError(f"lr_schedule must be None or 'cosine', got {schedule!r}.")
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state()}
+
+
+def train(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    data,
+    *,
+    steps: int,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    grad_clip: float | None = 1.0,
+    seed: int = 0,
+    params=None,
+    device=None,
+    checkpoint=None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
+    sample_every: int | None = None,
+    sample_fn: Callable[[nn.Module, int], Any] | None = None,
+    lr_schedule: str | None = None,
+    warmup: int = 50,
+    progress: bool = True,
+    desc: str = "training",
+) -> History:
+    """Train `model` for `steps` optimizer steps on `loss_fn(model, batch)`; return the History.
+
+    With `checkpoint` set, the run is saved there at the end (and every `checkpoint_every`
+    steps); `resume=True` continues a saved run from its step, so a run interrupted and
+    resumed ends exactly where an uninterrupted one would (data order aside, when `data` is
+    an iterable with its own randomness).
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}.")
+    if sample_every is not None and sample_fn is None:
+        raise ValueError("sample_every is set but sample_fn is not: pass sample_fn(model, step).")
+    checkpoint = Path(checkpoint) if checkpoint is not None else None
+    if resume and checkpoint is None:
+        raise ValueError("resume=True needs the checkpoint path to resume from.")
+    if checkpoint is not None and checkpoint.exists() and not resume:
+        raise FileExistsError(
+            f"{checkpoint} already exists. Pass resume=True to continue that run, "
+            "or choose another checkpoint path (it is never overwritten by a fresh run)."
+        )
+
+    torch.manual_seed(seed)
+    if device is not None:
+        model.to(device)
+    params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
+    if not params:
+        raise ValueError("No trainable parameters: every parameter has requires_grad=False.")
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    history = History()
+    start = 0
+    if resume:
+        if not checkpoint.exists():
+            raise FileNotFoundError(f"Cannot resume: {checkpoint} does not exist. Start with resume=False.")
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        start = int(state["step"])
+        history.losses = list(state["losses"])
+    history.start_step = 0
+    next_batch = _batches(data)
+
+    def save(step: int) -> None:
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        tmp = checkpoint.with_suffix(checkpoint.suffix + ".tmp")
+        torch.save(
+            {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+             "rng": _rng_state(), "losses": history.losses},
+            tmp,
+        )
+        tmp.replace(checkpoint)  # atomic: an interrupted save never leaves half a file
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, initial=start, desc=desc, leave=True)
+    model.train()
+    began = time.perf_counter()
+    for step in range(start, steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * _lr_factor(lr_schedule, step, steps, warmup)
+        batch = move_to(next_batch(step), device)
+        loss = loss_fn(model, batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"The loss became {loss.item()} at step {step}. Try a lower learning rate.")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        history.losses.append(loss.item())
+        if bar is not None:
+            bar.update(1)
+            if step % 10 == 0 or step == steps - 1:
+                bar.set_postfix(loss=f"{history.smoothed()[-1]:.4f}")
+        done = step + 1
+        if sample_every and (done % sample_every == 0 or done == steps):
+            model.eval()
+            with torch.no_grad():
+                history.samples.append((done, sample_fn(model, done)))
+            model.train()
+        if checkpoint is not None and checkpoint_every and done % checkpoint_every == 0 and done < steps:
+            save(done)
+    if bar is not None:
+        bar.close()
+    model.eval()
+    history.seconds = time.perf_counter() - began
+    if checkpoint is not None:
+        save(steps)
+    return history
