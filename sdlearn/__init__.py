@@ -11,12 +11,17 @@ import importlib
 
 __version__ = "0.1.0"
 
+# Imported eagerly (it needs only the standard library until called): the function must
+# shadow the submodule of the same name, or `sdlearn.doctor` would become the module once
+# anything imports `sdlearn.doctor` directly.
+from sdlearn.doctor import doctor  # noqa: E402
+
 # name -> module that defines it
 _LAZY = {
-    "doctor": "sdlearn.doctor",
+    "load_pipeline": "sdlearn.pretrained",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = ["__version__", "doctor", *_LAZY]
 
 
 def __getattr__(name):
