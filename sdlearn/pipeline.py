@@ -1,0 +1,820 @@
+"""Latent text-to-image: the sampling loop of Stable Diffusion.
+
+Stable Diffusion (Rombach et al. 2022) is four parts and one loop. The tokenizer and the
+CLIP text encoder turn a prompt into vectors c; the UNet eps_theta(z_t, t, c) predicts the
+noise in a noisy latent z_t; a sampler takes a step from z_t towards less noise; the
+autoencoder turns the final latent into pixels. Notation as in sdlearn.schedules
+(alpha_bar_t, sigma_t, eps), with z for latents and s for the guidance scale:
+
+    1. text      c     = CLIPTextModel(tokenize(prompt))                      (B, 77, D)
+                 c_neg = CLIPTextModel(tokenize(negative_prompt or ""))        (B, 77, D)
+    2. noise     z_T   = init_noise_sigma * eps,  eps ~ N(0, I)               (B, 4, H/8, W/8)
+    3. loop      for t in the sampler's timesteps (most noise first):
+                   [e_neg, e_cond] = UNet([z_t, z_t], t, [c_neg, c])          one batched call
+                   e = e_neg + s (e_cond - e_neg)                              classifier-free guidance
+                   z_prev, x0_pred = sampler.step(e, t, z_t)
+    4. decode    x = VAE.decode(z_0 / scaling_factor)                          (B, 3, H, W) in [-1, 1]
+
+Classifier-free guidance (Ho & Salimans 2022, eq. 6): the same UNet, trained with the
+caption sometimes dropped, predicts the noise with and without the prompt; stepping along
+e_neg + s (e_cond - e_neg) with s > 1 exaggerates what the prompt changes. A negative
+prompt replaces the empty prompt, so the image is pushed away from it. With s <= 1 the
+unconditional half is skipped entirely (one UNet call per step), exactly as diffusers'
+`do_classifier_free_guidance = guidance_scale > 1` does; a negative prompt then has no
+effect, and the pipeline warns.
+
+Image-to-image (SDEdit, Meng et al. 2022). Start the loop part-way down instead of from
+pure noise: encode the image, z_0 = scaling_factor * E(x).sample(), keep the last
+n = int(steps * strength) timesteps t_1 > ... > t_n, and noise z_0 to the first of them,
+
+    z_{t_1} = sqrt(alpha_bar_{t_1}) z_0 + sqrt(1 - alpha_bar_{t_1}) eps      (the sampler's add_noise)
+
+strength 1 starts (almost) from noise and ignores the image; strength 0 runs no step and
+returns the autoencoder's reconstruction of the image.
+
+Inpainting with an ordinary 4-channel UNet (the blend of SD 1.x's "legacy" inpainting, in
+the spirit of RePaint, Lugmayr et al. 2022). A mask m at latent resolution marks what to
+repaint (1, white) and what to keep (0, black). After every step the kept region is
+overwritten with the original latent, noised to the level of the next step:
+
+    z_prev <- m * z_prev + (1 - m) * add_noise(z_0, eps, t_next)             (z_0 itself after the last step)
+
+so the model only ever invents the masked region, and sees the rest of the picture at the
+right noise level. The same seed and sampler give diffusers' StableDiffusionInpaintPipeline
+result with a 4-channel UNet.
+
+Everything is drawn from the random generator in diffusers' order, so a seed gives the same
+image as the matching diffusers pipeline (tests/test_pipeline.py proves it).
+
+References: Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion
+Models" (arXiv:2112.10752); Ho & Salimans 2022, "Classifier-Free Diffusion Guidance"
+(arXiv:2207.12598); Meng et al. 2022, "SDEdit" (arXiv:2108.01073); Lugmayr et al. 2022,
+"RePaint" (arXiv:2201.09865); diffusers' pipeline_stable_diffusion.py,
+pipeline_stable_diffusion_img2img.py and pipeline_stable_diffusion_inpaint.py.
+"""
+
+import json
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from sdlearn.clip import CLIPTextModel, CLIPTokenizer
+from sdlearn.plotting import to_pil
+from sdlearn.samplers import SAMPLER_NAMES, SAMPLERS, get_sampler, randn
+from sdlearn.unet import UNet
+from sdlearn.vae import AutoencoderKL
+
+# Stable Diffusion 1.5's scheduler/scheduler_config.json: the training noise schedule, and
+# PLMS as the default sampler. Used when a pipeline is built without a scheduler config.
+SD_SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
+}
+
+# diffusers scheduler class -> sdlearn sampler name (the folder's scheduler is the default sampler)
+SAMPLER_FOR_SCHEDULER = {cls.diffusers_class: name for name, cls in SAMPLERS.items()}
+
+OUTPUT_TYPES = ("pil", "tensor", "latent")
+
+
+# ------------------------------------------------------------------------------------------
+# What a step callback receives
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One step of the loop, as a callback sees it (tensors are the loop's own, not copies).
+
+    For a v-prediction model (SD 2.x 768-v) eps_uncond / eps_cond hold the predicted v.
+    """
+
+    step: int  # 0, 1, ... within this run (image_to_image runs fewer steps than asked)
+    t: int | float  # the timestep the UNet saw (fractional for Euler with "linspace" spacing)
+    latents: torch.Tensor  # z after this step (and after inpainting's blend)   (B, 4, h, w)
+    x0_pred: torch.Tensor  # the sampler's estimate of the clean latent z_0     (B, 4, h, w)
+    eps_uncond: torch.Tensor | None  # UNet output for the negative / empty prompt; None without guidance
+    eps_cond: torch.Tensor  # UNet output for the prompt                        (B, 4, h, w)
+    eps: torch.Tensor  # what the sampler used: eps_uncond + s (eps_cond - eps_uncond)
+
+
+class StepRecorder:
+    """A step callback that keeps every StepRecord on the CPU, for plots and widgets.
+
+        recorder = StepRecorder()
+        pipe.text_to_image("a red circle", callback=recorder)
+        recorder.stack("x0_pred")   # (steps, B, 4, h, w)
+    """
+
+    def __init__(self):
+        self.records = []
+
+    def __call__(self, record: StepRecord) -> None:
+        def cpu(x):
+            return None if x is None else x.detach().to("cpu", copy=True)
+
+        self.records.append(
+            StepRecord(record.step, record.t, cpu(record.latents), cpu(record.x0_pred), cpu(record.eps_uncond),
+                       cpu(record.eps_cond), cpu(record.eps))
+        )
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def timesteps(self) -> list:
+        return [r.t for r in self.records]
+
+    def stack(self, field: str) -> torch.Tensor:
+        """One field of every record stacked along a new first axis: (steps, B, 4, h, w)."""
+        names = ("latents", "x0_pred", "eps_uncond", "eps_cond", "eps")
+        if field not in names:
+            raise ValueError(f"field must be one of {names}, got {field!r}.")
+        if not self.records:
+            raise ValueError("Nothing recorded yet: pass the recorder as callback= to a generation method first.")
+        values = [getattr(r, field) for r in self.records]
+        if values[0] is None:
+            raise ValueError(f"{field} was not recorded: the run used guidance_scale <= 1 (no unconditional branch).")
+        return torch.stack(values)
+
+    def to_sampling_record(self, pipe: "StableDiffusion | None" = None, sampler: str = "", keep: int = 4):
+        """The run as a `sdlearn.widgets.SamplingRecord`, for `denoising_stepper`.
+
+        With `pipe`, the latents after each step and the x0 predictions are decoded to images
+        by its VAE (keep images of the batch, one VAE call per step); without it the stepper
+        shows the first three latent channels. The noise panel shows the guided eps.
+        """
+        from sdlearn.widgets import SamplingRecord  # imported here: widgets pull in ipywidgets
+
+        latents, x0_pred, eps = (self.stack(name)[:, :keep] for name in ("latents", "x0_pred", "eps"))  # (steps, B, 4, h, w)
+        if pipe is not None:
+            latents, x0_pred = (
+                torch.stack([pipe.decode_latents(z.to(pipe.device)).float().cpu() for z in frames])  # (steps, B, 3, H, W)
+                for frames in (latents, x0_pred)
+            )
+        return SamplingRecord(sampler, self.timesteps, latents, x0_pred, eps, final=latents[-1])
+
+
+# ------------------------------------------------------------------------------------------
+# Images and masks in, images out
+# ------------------------------------------------------------------------------------------
+
+
+def _as_list(x) -> list:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def image_to_tensor(image, height: int | None = None, width: int | None = None) -> torch.Tensor:
+    """PIL image(s) or a tensor in [-1, 1] -> (B, 3, H, W) float tensor in [-1, 1].
+
+    PIL images are resized to (height, width) with Lanczos filtering when those are given
+    and differ (as diffusers does); tensors must already have the requested size.
+    """
+    if isinstance(image, torch.Tensor):
+        x = image[None] if image.ndim == 3 else image
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"Expected an image tensor (3, H, W) or (B, 3, H, W) in [-1, 1], got shape {tuple(image.shape)}.")
+        if not x.is_floating_point():
+            raise ValueError(f"Expected a float image tensor in [-1, 1], got dtype {x.dtype}. For uint8 pixels use x / 127.5 - 1.")
+        if x.min() < -1.001 or x.max() > 1.001:
+            raise ValueError(
+                f"Image tensors must lie in [-1, 1] (sdlearn's convention), got values in [{x.min():.3g}, {x.max():.3g}]. "
+                "For an image in [0, 1] pass 2 * x - 1."
+            )
+        H, W = x.shape[-2:]
+        if (height is not None and height != H) or (width is not None and width != W):
+            raise ValueError(f"The image tensor is {H}x{W} (HxW) but height x width = {height}x{width} was asked; resize it first.")
+        return x
+    images = _as_list(image)
+    if not images or not all(isinstance(im, Image.Image) for im in images):
+        raise TypeError(f"Expected a PIL image, a list of PIL images or a tensor in [-1, 1], got {type(image).__name__}.")
+    tensors = []
+    for im in images:
+        if (height is not None and height != im.height) or (width is not None and width != im.width):
+            im = im.resize((width or im.width, height or im.height), resample=Image.LANCZOS)
+        pixels = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3) in [0, 1]
+        tensors.append(torch.from_numpy(pixels).permute(2, 0, 1) * 2.0 - 1.0)  # (3, H, W) in [-1, 1]
+    if len({t.shape for t in tensors}) > 1:
+        raise ValueError(f"All images must have the same size, got {sorted({tuple(t.shape[1:]) for t in tensors})}.")
+    return torch.stack(tensors)
+
+
+def mask_to_tensor(mask, height: int | None = None, width: int | None = None) -> torch.Tensor:
+    """PIL mask(s) or a tensor in [0, 1] -> (B, 1, H, W) of 0 (keep) and 1 (repaint).
+
+    White (>= 0.5) means repaint, black means keep, as in diffusers. PIL masks are resized
+    like images, converted to greyscale, then thresholded at 0.5.
+    """
+    if isinstance(mask, torch.Tensor):
+        m = mask.float()
+        if m.ndim == 2:
+            m = m[None, None]
+        elif m.ndim == 3:
+            m = m[:, None] if m.shape[0] != 1 else m[None]
+        if m.ndim != 4 or m.shape[1] != 1:
+            raise ValueError(f"Expected a mask tensor (H, W), (1, H, W) or (B, 1, H, W) in [0, 1], got shape {tuple(mask.shape)}.")
+        H, W = m.shape[-2:]
+        if (height is not None and height != H) or (width is not None and width != W):
+            raise ValueError(f"The mask tensor is {H}x{W} (HxW) but height x width = {height}x{width} was asked; resize it first.")
+    else:
+        masks = _as_list(mask)
+        if not masks or not all(isinstance(im, Image.Image) for im in masks):
+            raise TypeError(f"Expected a PIL mask, a list of PIL masks or a tensor in [0, 1], got {type(mask).__name__}.")
+        tensors = []
+        for im in masks:
+            if (height is not None and height != im.height) or (width is not None and width != im.width):
+                im = im.resize((width or im.width, height or im.height), resample=Image.LANCZOS)
+            tensors.append(torch.from_numpy(np.asarray(im.convert("L"), dtype=np.float32) / 255.0)[None])  # (1, H, W)
+        m = torch.stack(tensors)
+    return (m >= 0.5).to(torch.float32)  # binary: repaint where 1
+
+
+# ------------------------------------------------------------------------------------------
+# The pipeline
+# ------------------------------------------------------------------------------------------
+
+
+class StableDiffusion:
+    """Stable Diffusion 1.x/2.x: `text_to_image`, `image_to_image`, `inpaint`, `save_pretrained`, `save_single_file`.
+
+    Attributes: unet, vae, text_encoder, tokenizer (sdlearn modules) and scheduler_config
+    (a diffusers scheduler_config.json dict: the training noise schedule). The sampler is
+    picked per call by name (sdlearn.samplers: ddpm, ddim, plms, euler, euler_a, dpmpp_2m);
+    the default is the folder's scheduler. Load one with `sdlearn.load_pipeline(folder)`.
+    """
+
+    def __init__(self, unet: UNet, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
+                 scheduler_config: dict | None = None):
+        for name, value, cls in (("unet", unet, UNet), ("vae", vae, AutoencoderKL), ("text_encoder", text_encoder, CLIPTextModel),
+                                 ("tokenizer", tokenizer, CLIPTokenizer)):
+            if not isinstance(value, cls):
+                raise TypeError(f"{name} must be an sdlearn {cls.__module__}.{cls.__name__}, got {type(value).__name__}.")
+        if unet.config.in_channels != vae.config.latent_channels:
+            raise ValueError(
+                f"The UNet takes {unet.config.in_channels} input channels but the VAE makes {vae.config.latent_channels}-channel "
+                "latents. (9-channel inpainting UNets are not supported; inpaint() works with the ordinary 4-channel UNet.)"
+            )
+        if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
+            raise ValueError(
+                f"The UNet attends to {unet.config.cross_attention_dim}-wide text vectors but the text encoder makes "
+                f"{text_encoder.config.hidden_size}-wide ones; the two come from different models."
+            )
+        if tokenizer.vocab_size > text_encoder.config.vocab_size:
+            raise ValueError(
+                f"The tokenizer has {tokenizer.vocab_size} tokens but the text encoder only {text_encoder.config.vocab_size} "
+                "embeddings; the two come from different models."
+            )
+        self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        self.scheduler_config = dict(SD_SCHEDULER_CONFIG if scheduler_config is None else scheduler_config)
+        self.slicing = False  # see enable_slicing
+        for module in (unet, vae, text_encoder):
+            module.eval()
+
+    # -- devices, sizes, samplers -----------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    def to(self, device=None, dtype=None) -> "StableDiffusion":
+        """Move every model to `device` and/or `dtype` (in place); returns the pipeline.
+
+        In float16/bfloat16 the autoencoder stays in float32 when its config asks for it
+        (force_upcast, true for SD's VAE): its decoder's activations overflow fp16 and the
+        images come out black or NaN. It costs 160 MB more memory and a few ms per image.
+        """
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype such as torch.float16, got {dtype!r}.")
+        vae_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) and self.vae.config.force_upcast else dtype
+        self.unet.to(device=device, dtype=dtype)
+        self.text_encoder.to(device=device, dtype=dtype)
+        self.vae.to(device=device, dtype=vae_dtype)
+        return self
+
+    def enable_slicing(self, enabled: bool = True) -> "StableDiffusion":
+        """Save memory at some cost in speed: one UNet call per guidance half, one VAE decode per image.
+
+        The peak memory of the UNet's attention and of the decoder grows with the batch;
+        slicing halves the first and divides the second by the batch size. The numbers are
+        the same as without slicing.
+        """
+        self.slicing = bool(enabled)
+        return self
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Image side / latent side: 8 for SD."""
+        return self.vae.config.downscale_factor
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE's factor times the UNet's halvings (64 for SD)."""
+        return self.vae_scale_factor * self.unet.config.downscale
+
+    @property
+    def default_size(self) -> int:
+        """The image side the UNet was trained at (sample_size latent pixels times 8)."""
+        sample_size = self.unet.config.sample_size or 64
+        return (sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size) * self.vae_scale_factor
+
+    @property
+    def default_sampler(self) -> str | None:
+        """The sampler matching the folder's scheduler (None if sdlearn has no equivalent)."""
+        return SAMPLER_FOR_SCHEDULER.get(self.scheduler_config.get("_class_name"))
+
+    def make_sampler(self, name: str | None = None, eta: float = 0.0):
+        """A fresh sampler `name` (default: the folder's) on this pipeline's noise schedule."""
+        if name is None:
+            name = self.default_sampler
+            if name is None:
+                raise ValueError(
+                    f"The model's scheduler {self.scheduler_config.get('_class_name')!r} has no sdlearn equivalent; "
+                    f"pass sampler= one of {list(SAMPLER_NAMES)}."
+                )
+        config = {k: v for k, v in self.scheduler_config.items() if not k.startswith("_")}
+        if eta:  # DDIM's noise level; the other samplers refuse a non-zero eta with a clear error
+            config["eta"] = eta
+        return get_sampler(name, **config)
+
+    # -- the parts of the loop, each usable on its own ----------------------------------------
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts) -> torch.Tensor:
+        """A prompt or a list of prompts -> text embeddings c (B, 77, D) on the pipeline's device."""
+        ids = self.tokenizer(prompts)  # (B, 77); warns if a prompt is cut off
+        return self.text_encoder(ids.to(next(self.text_encoder.parameters()).device))
+
+    @torch.no_grad()
+    def encode_image(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> scaled latents scaling_factor * z, z ~ q(z | x)."""
+        posterior = self.vae.encode(images.to(device=self.device, dtype=self.vae_dtype))
+        return self.vae.config.scaling_factor * posterior.sample(generator)  # (B, 4, H/8, W/8)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (B, 4, h, w) -> images (B, 3, 8h, 8w), clamped to [-1, 1]."""
+        z = latents.to(self.vae_dtype) / self.vae.config.scaling_factor  # float32 even for a half-precision UNet
+        if self.slicing:  # one image at a time
+            images = torch.cat([self.vae.decode(z[i:i + 1]) for i in range(z.shape[0])])
+        else:
+            images = self.vae.decode(z)
+        return images.clamp(-1.0, 1.0)
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    @torch.no_grad()
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        cond: torch.Tensor,
+        uncond: torch.Tensor | None,
+        sampler,
+        timesteps,
+        guidance_scale: float = 7.5,
+        generator: torch.Generator | None = None,
+        callback: Callable | None = None,
+        inpaint: dict | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """The sampling loop: z_{t_1} -> ... -> z_0 over `timesteps` (the heart of Stable Diffusion).
+
+        latents  z at the first timestep                                 (B, 4, h, w)
+        cond     text embeddings of the prompts                          (B, 77, D)
+        uncond   text embeddings of the negative / empty prompts, or None for no guidance
+        inpaint  None, or {"mask": m (B, 1, h, w), "image_latents": z_0, "noise": eps}: keep z where m = 0
+        callback called after every step with a StepRecord; it may return None, or a tensor
+                 that replaces the latents (to intervene in the trajectory)
+        """
+        guided = uncond is not None
+        # Both halves go through the UNet in one call: context [c_neg, c]       (2B, 77, D)
+        context = torch.cat([uncond, cond]) if guided else cond
+        steps = _progress(timesteps, progress)
+        for i, t in enumerate(steps):
+            # 1. Duplicate the latents, one copy per half of the guidance         (2B, 4, h, w)
+            model_input = torch.cat([latents, latents]) if guided else latents
+            # 2. Some samplers want a rescaled input (Euler: z / sqrt(sigma^2 + 1)); the rest pass it through
+            model_input = sampler.scale_model_input(model_input, t)
+            # 3. Predict the noise (or v) in z_t for every half                    (2B, 4, h, w)
+            if self.slicing and guided:  # the same numbers in two calls of half the size
+                model_output = torch.cat([self.unet(x, t, c) for x, c in zip(model_input.chunk(2), context.chunk(2))])
+            else:
+                model_output = self.unet(model_input, t, context)
+            # 4. Classifier-free guidance: e = e_neg + s (e_cond - e_neg)          (B, 4, h, w)
+            if guided:
+                eps_uncond, eps_cond = model_output.chunk(2)
+                eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+            else:
+                eps_uncond, eps_cond = None, model_output
+                eps = model_output
+            # 5. One sampler step: z_t -> z_prev, plus its estimate of the clean latent
+            latents, x0_pred = sampler.step(eps, t, latents, generator=generator)
+            # 6. Inpainting: put back the known region, noised to the next step's level
+            if inpaint is not None:
+                known = inpaint["image_latents"]  # z_0 after the last step
+                if i < len(timesteps) - 1:
+                    known = sampler.add_noise(known, inpaint["noise"], timesteps[i + 1])
+                mask = inpaint["mask"]  # (B, 1, h, w): 1 = repaint
+                latents = (1 - mask) * known + mask * latents
+            # 7. Let the caller look (and perhaps intervene)
+            if callback is not None:
+                t_value = int(t) if float(t).is_integer() else float(t)
+                returned = callback(StepRecord(i, t_value, latents, x0_pred, eps_uncond, eps_cond, eps))
+                if returned is not None:
+                    if not isinstance(returned, torch.Tensor) or returned.shape != latents.shape:
+                        raise TypeError(
+                            "A step callback must return None or a latents tensor of shape "
+                            f"{tuple(latents.shape)} (to replace the latents), got {type(returned).__name__}."
+                        )
+                    latents = returned
+        return latents
+
+    # -- generation ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def text_to_image(
+        self,
+        prompt,
+        negative_prompt=None,
+        height: int | None = None,
+        width: int | None = None,
+        steps: int = 50,
+        guidance_scale: float = 7.5,
+        sampler: str | None = None,
+        eta: float = 0.0,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        callback: Callable | None = None,
+        output_type: str = "pil",
+        num_images_per_prompt: int = 1,
+        progress: bool = False,
+    ):
+        """Images for prompt(s): a list of PIL images (default), a tensor in [-1, 1], or latents.
+
+        height/width default to the model's training size and must be multiples of
+        `size_multiple`; steps is the number of sampler steps; sampler a name from
+        sdlearn.samplers (default: the model's); seed (or a torch.Generator) makes it
+        reproducible, and equal to diffusers' StableDiffusionPipeline for the same seed.
+        callback(record) runs after each step (see StepRecord, StepRecorder).
+        """
+        # 1. Check everything before any work is done
+        prompts, negatives = self._check_prompts(prompt, negative_prompt, guidance_scale)
+        height, width = self._check_size(height, width)
+        self._check_common(steps, output_type, num_images_per_prompt, callback)
+        generator = _generator(seed, generator)
+        sampler = self.make_sampler(sampler, eta)
+
+        # 2. Text embeddings, one row per image                                   (B, 77, D)
+        cond, uncond = self._text_embeddings(prompts, negatives, guidance_scale, num_images_per_prompt)
+
+        # 3. Timesteps, most noise first
+        sampler.set_timesteps(steps)
+        timesteps = sampler.timesteps
+
+        # 4. Initial noise, drawn as diffusers draws it: z_T = init_noise_sigma * eps  (B, 4, H/8, W/8)
+        shape = (cond.shape[0], self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        latents = randn(shape, generator=generator, device=self.device, dtype=cond.dtype) * sampler.init_noise_sigma
+
+        # 5. The loop, then 6. pixels
+        latents = self.denoise(latents, cond, uncond, sampler, timesteps, guidance_scale, generator, callback, progress=progress)
+        return self._output(latents, output_type)
+
+    @torch.no_grad()
+    def image_to_image(
+        self,
+        prompt,
+        image,
+        strength: float = 0.8,
+        negative_prompt=None,
+        height: int | None = None,
+        width: int | None = None,
+        steps: int = 50,
+        guidance_scale: float = 7.5,
+        sampler: str | None = None,
+        eta: float = 0.0,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        callback: Callable | None = None,
+        output_type: str = "pil",
+        num_images_per_prompt: int = 1,
+        progress: bool = False,
+    ):
+        """Redraw `image` (PIL, or a tensor in [-1, 1]) towards the prompt (SDEdit).
+
+        strength in [0, 1]: how much noise is added, i.e. how many of the `steps` run
+        (int(steps * strength)); 0 keeps the image, 1 starts (almost) from noise. The
+        image's own size is used unless height/width are given (PIL images are resized).
+        """
+        prompts, negatives = self._check_prompts(prompt, negative_prompt, guidance_scale)
+        self._check_strength(strength)
+        images = self._check_image(image, height, width)
+        self._check_common(steps, output_type, num_images_per_prompt, callback)
+        batch = len(prompts) * num_images_per_prompt
+        self._check_batch(images.shape[0], batch, "images")
+        generator = _generator(seed, generator)
+        sampler = self.make_sampler(sampler, eta)
+
+        cond, uncond = self._text_embeddings(prompts, negatives, guidance_scale, num_images_per_prompt)
+        sampler.set_timesteps(steps)
+        timesteps = _timesteps_for_strength(sampler, steps, strength)
+
+        # z_0 = scaling_factor * E(x).sample(), one per image, then one per output  (B, 4, h, w)
+        image_latents = self.encode_image(images, generator).to(cond.dtype)
+        image_latents = image_latents.repeat(batch // image_latents.shape[0], 1, 1, 1)
+        if len(timesteps) > 0:
+            # z_{t_1} = sqrt(alpha_bar) z_0 + sqrt(1 - alpha_bar) eps at the first remaining timestep
+            noise = randn(image_latents.shape, generator=generator, device=self.device, dtype=cond.dtype)
+            latents = sampler.add_noise(image_latents, noise, timesteps[:1].repeat(batch))
+        else:  # strength too small for a single step: nothing to denoise
+            latents = image_latents
+
+        latents = self.denoise(latents, cond, uncond, sampler, timesteps, guidance_scale, generator, callback, progress=progress)
+        return self._output(latents, output_type)
+
+    @torch.no_grad()
+    def inpaint(
+        self,
+        prompt,
+        image,
+        mask,
+        negative_prompt=None,
+        height: int | None = None,
+        width: int | None = None,
+        steps: int = 50,
+        strength: float = 1.0,
+        guidance_scale: float = 7.5,
+        sampler: str | None = None,
+        eta: float = 0.0,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        callback: Callable | None = None,
+        output_type: str = "pil",
+        num_images_per_prompt: int = 1,
+        progress: bool = False,
+    ):
+        """Repaint the white part of `mask` in `image` to match the prompt; keep the black part.
+
+        image: PIL or a tensor in [-1, 1]; mask: PIL (white = repaint) or a tensor in [0, 1]
+        of the same size as the image. strength < 1 starts from the noised image instead of
+        pure noise (as image_to_image). The same seed gives diffusers'
+        StableDiffusionInpaintPipeline result for a 4-channel UNet.
+        """
+        prompts, negatives = self._check_prompts(prompt, negative_prompt, guidance_scale)
+        self._check_strength(strength)
+        images = self._check_image(image, height, width)
+        masks = self._check_mask(mask, image, height, width)
+        self._check_common(steps, output_type, num_images_per_prompt, callback)
+        batch = len(prompts) * num_images_per_prompt
+        self._check_batch(images.shape[0], batch, "images")
+        self._check_batch(masks.shape[0], batch, "masks")
+        generator = _generator(seed, generator)
+        sampler = self.make_sampler(sampler, eta)
+
+        cond, uncond = self._text_embeddings(prompts, negatives, guidance_scale, num_images_per_prompt)
+        sampler.set_timesteps(steps)
+        timesteps = _timesteps_for_strength(sampler, steps, strength)
+
+        # The original latent z_0 and the noise eps, drawn in diffusers' order     (B, 4, h, w)
+        image_latents = self.encode_image(images, generator).to(cond.dtype)
+        image_latents = image_latents.repeat(batch // image_latents.shape[0], 1, 1, 1)
+        noise = randn(image_latents.shape, generator=generator, device=self.device, dtype=cond.dtype)
+        if strength == 1.0:  # start from pure noise
+            latents = noise * sampler.init_noise_sigma
+        elif len(timesteps) > 0:  # start from the noised image
+            latents = sampler.add_noise(image_latents, noise, timesteps[:1].repeat(batch))
+        else:
+            latents = image_latents
+        # diffusers also encodes the masked image here (only 9-channel inpainting UNets read it),
+        # which draws one more latent-sized sample from the generator. Draw it too, so that
+        # samplers that use the generator later (euler_a, ddpm, ddim with eta > 0) stay in step.
+        randn((images.shape[0], *image_latents.shape[1:]), generator=generator, device=self.device, dtype=cond.dtype)
+
+        # The mask at latent resolution: nearest-neighbour downsampling of the 0/1 mask  (B, 1, h, w)
+        latent_mask = F.interpolate(masks, size=image_latents.shape[-2:]).to(device=self.device, dtype=cond.dtype)
+        latent_mask = latent_mask.repeat(batch // latent_mask.shape[0], 1, 1, 1)
+
+        inpaint = {"mask": latent_mask, "image_latents": image_latents, "noise": noise}
+        latents = self.denoise(latents, cond, uncond, sampler, timesteps, guidance_scale, generator, callback, inpaint, progress)
+        return self._output(latents, output_type)
+
+    # -- helpers for the generation methods ---------------------------------------------------
+
+    def _text_embeddings(self, prompts, negatives, guidance_scale, num_images_per_prompt):
+        """(cond, uncond) with num_images_per_prompt rows per prompt; uncond is None without guidance."""
+        cond = self.encode_prompt(prompts).repeat_interleave(num_images_per_prompt, dim=0)  # (B, 77, D)
+        if guidance_scale <= 1:  # as diffusers: no unconditional branch at all
+            return cond, None
+        uncond = self.encode_prompt(negatives).repeat_interleave(num_images_per_prompt, dim=0)  # (B, 77, D)
+        return cond, uncond
+
+    def _output(self, latents: torch.Tensor, output_type: str):
+        if output_type == "latent":
+            return latents
+        images = self.decode_latents(latents)  # (B, 3, H, W) in [-1, 1]
+        if output_type == "tensor":
+            return images
+        return to_pil(images.float().cpu())
+
+    def _check_prompts(self, prompt, negative_prompt, guidance_scale) -> tuple:
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}.")
+        if len(prompts) == 0:
+            raise ValueError("The prompt list is empty: give at least one prompt (an empty string \"\" is a valid prompt).")
+        if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be a number >= 0 (7.5 is SD's default; <= 1 turns guidance off), got {guidance_scale!r}.")
+        if negative_prompt is None:
+            negatives = [""] * len(prompts)
+        elif isinstance(negative_prompt, str):
+            negatives = [negative_prompt] * len(prompts)
+        elif isinstance(negative_prompt, (list, tuple)) and all(isinstance(p, str) for p in negative_prompt):
+            negatives = list(negative_prompt)
+            if len(negatives) != len(prompts):
+                raise ValueError(f"Got {len(prompts)} prompts but {len(negatives)} negative prompts; give one per prompt, or one string for all.")
+        else:
+            raise TypeError(f"negative_prompt must be None, a string or a list of strings, got {type(negative_prompt).__name__}.")
+        if negative_prompt is not None and guidance_scale <= 1:
+            warnings.warn(
+                f"guidance_scale={guidance_scale} <= 1 turns classifier-free guidance off, so the negative prompt is ignored. "
+                "Use guidance_scale > 1 (e.g. 7.5) for it to have an effect.",
+                stacklevel=4,  # the caller of text_to_image (past torch.no_grad's wrapper)
+            )
+        return list(prompts), negatives
+
+    def _check_size(self, height, width) -> tuple:
+        height = self.default_size if height is None else height
+        width = self.default_size if width is None else width
+        m = self.size_multiple
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value % m:
+                raise ValueError(
+                    f"{name}={value!r}: image sides must be positive multiples of {m} for this model (the VAE shrinks "
+                    f"them {self.vae_scale_factor}x and the UNet halves the latent {self.unet.config.num_levels - 1} more "
+                    f"times), e.g. {max(m, (value // m) * m) if isinstance(value, int) else self.default_size}."
+                )
+        return height, width
+
+    def _check_image(self, image, height, width) -> torch.Tensor:
+        if height is not None or width is not None:
+            self._check_size(height or self.default_size, width or self.default_size)
+        images = image_to_tensor(image, height, width)
+        H, W = images.shape[-2:]
+        m = self.size_multiple
+        if H % m or W % m:
+            raise ValueError(
+                f"The image is {W}x{H} (WxH) but image sides must be multiples of {m} for this model. Crop or resize it "
+                f"(e.g. to {max(m, W // m * m)}x{max(m, H // m * m)}), or pass height= and width= to resize it."
+            )
+        return images
+
+    def _check_mask(self, mask, image, height, width) -> torch.Tensor:
+        # The mask must match the image as given, pixel for pixel; both are resized together if asked.
+        given = image_to_tensor(image)  # (B, 3, H, W), not resized
+        masks = mask_to_tensor(mask)  # (B, 1, H, W), not resized
+        if masks.shape[-2:] != given.shape[-2:]:
+            (mh, mw), (gh, gw) = masks.shape[-2:], given.shape[-2:]
+            raise ValueError(
+                f"The mask is {mw}x{mh} (WxH) but the image is {gw}x{gh}; the mask must match the image pixel for pixel "
+                "(white = repaint, black = keep)."
+            )
+        if height is not None or width is not None:
+            masks = mask_to_tensor(mask, height, width)
+        if masks.sum() == 0:
+            warnings.warn("The mask is all black (keep everything): inpaint will return the image unchanged.", stacklevel=4)
+        return masks
+
+    def _check_strength(self, strength) -> None:
+        if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not 0 <= strength <= 1:
+            raise ValueError(f"strength must be a number in [0, 1] (0 keeps the image, 1 redraws it from noise), got {strength!r}.")
+
+    def _check_common(self, steps, output_type, num_images_per_prompt, callback) -> None:
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"steps must be a positive integer (e.g. 25 or 50), got {steps!r}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}.")
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable (it receives a StepRecord after each step), got {type(callback).__name__}.")
+
+    @staticmethod
+    def _check_batch(n: int, batch: int, what: str) -> None:
+        if n != 1 and n != batch:
+            raise ValueError(f"Got {n} {what} for {batch} outputs (prompts x num_images_per_prompt); give one, or one per output.")
+
+    # -- saving ---------------------------------------------------------------------------------
+
+    def save_pretrained(self, folder, overwrite: bool = False) -> Path:
+        """Write a diffusers pipeline folder that diffusers' StableDiffusionPipeline.from_pretrained loads.
+
+        model_index.json, unet/, vae/, text_encoder/, tokenizer/ (vocab.json, merges.txt) and
+        scheduler/scheduler_config.json. An existing pipeline is replaced only with overwrite=True.
+        """
+        folder = Path(folder)
+        parts = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
+        existing = [p for p in parts if (folder / p).exists()]
+        if existing and not overwrite:
+            raise FileExistsError(f"{folder} already holds {existing}. Choose another folder or pass overwrite=True.")
+        if folder.exists() and not folder.is_dir():
+            raise FileExistsError(f"{folder} is a file, not a folder.")
+        scheduler_class = self.scheduler_config.get("_class_name")
+        if scheduler_class is None:
+            raise ValueError("scheduler_config has no _class_name, so diffusers could not load it; add e.g. 'DDIMScheduler'.")
+        for part in existing:  # overwrite=True: replace the parts whole, so no stale file (tokenizer.json, ...) survives
+            if (folder / part).is_dir():
+                shutil.rmtree(folder / part)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.unet.save_pretrained(folder / "unet", overwrite=True)
+        self.vae.save_pretrained(folder / "vae", overwrite=True)
+        self.text_encoder.save_pretrained(folder / "text_encoder", overwrite=True)
+        self.tokenizer.save_pretrained(folder / "tokenizer")
+        (folder / "scheduler").mkdir(exist_ok=True)
+        (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(self.scheduler_config, indent=2) + "\n")
+        model_index = {
+            "_class_name": "StableDiffusionPipeline",
+            "feature_extractor": [None, None],
+            "image_encoder": [None, None],
+            "requires_safety_checker": False,
+            "safety_checker": [None, None],
+            "scheduler": ["diffusers", scheduler_class],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        }
+        (folder / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
+        return folder
+
+    def save_single_file(self, path, overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
+        """Write one .safetensors file in the original CompVis layout (see sdlearn.pretrained.save_single_file)."""
+        from sdlearn.pretrained import save_single_file  # imported here: pretrained imports this module
+
+        return save_single_file(self, path, overwrite=overwrite, dtype=dtype)
+
+    def __repr__(self) -> str:
+        millions = {
+            name: sum(p.numel() for p in getattr(self, name).parameters()) / 1e6 for name in ("unet", "vae", "text_encoder")
+        }
+        parts = ", ".join(f"{name} {m:.1f}M" for name, m in millions.items())
+        return (
+            f"StableDiffusion({parts}, vocabulary {self.tokenizer.vocab_size}, {self.default_size}x{self.default_size} px, "
+            f"sampler {self.default_sampler}, {self.device}, {self.dtype})"
+        )
+
+
+# ------------------------------------------------------------------------------------------
+# Small helpers
+# ------------------------------------------------------------------------------------------
+
+
+def _generator(seed: int | None, generator: torch.Generator | None) -> torch.Generator | None:
+    """A CPU generator seeded with `seed` (as diffusers users write it), or the one given."""
+    if seed is not None and generator is not None:
+        raise ValueError("Pass either seed= or generator=, not both.")
+    if seed is not None:
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise TypeError(f"seed must be an integer, got {type(seed).__name__}.")
+        return torch.Generator("cpu").manual_seed(seed)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}.")
+    return generator
+
+
+def _timesteps_for_strength(sampler, steps: int, strength: float) -> torch.Tensor:
+    """The last int(steps * strength) timesteps of the schedule (diffusers' get_timesteps)."""
+    n = min(int(steps * strength), steps)
+    start = (steps - n) * sampler.order
+    # No bookkeeping needed: sdlearn's samplers find their place in the schedule from the
+    # first timestep they are given (diffusers' set_begin_index does this by hand).
+    return sampler.timesteps[start:]
+
+
+def _progress(timesteps, show: bool):
+    if not show:
+        return timesteps
+    from tqdm.auto import tqdm  # imported here: only progress bars need it
+
+    return tqdm(timesteps, desc="sampling", unit="step", leave=False)
+
+
+__all__ = ["StableDiffusion", "StepRecord", "StepRecorder", "image_to_tensor", "mask_to_tensor", "SD_SCHEDULER_CONFIG"]

@@ -1,0 +1,140 @@
+"""The `sdlearn generate` command, on a tiny random pipeline folder made by sdlearn."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sdlearn.cli import main
+from sdlearn.clip import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from sdlearn.pipeline import StableDiffusion
+from sdlearn.pretrained import load_pipeline
+from sdlearn.unet import UNet, UNetConfig
+from sdlearn.vae import AutoencoderKL, VAEConfig
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPT = "a large red circle in the top left"
+SD_DDIM = {
+    "_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000, "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    """A random tiny pipeline (32 x 32 images) with the shapes vocabulary, saved by sdlearn."""
+    torch.manual_seed(0)
+    tokenizer = CLIPTokenizer.from_pretrained(REPO / "data" / "tokenizers" / "shapes")
+    text_encoder = CLIPTextModel(CLIPTextConfig.tiny(vocab_size=tokenizer.vocab_size))
+    unet = UNet(UNetConfig.tiny(sample_size=4, cross_attention_dim=text_encoder.config.hidden_size))
+    vae = AutoencoderKL(VAEConfig.tiny(sample_size=32))
+    pipe = StableDiffusion(unet, vae, text_encoder, tokenizer, SD_DDIM)
+    return pipe.save_pretrained(tmp_path_factory.mktemp("cli") / "tiny-sd")
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_generate_writes_the_pipelines_image(model, tmp_path, capsys):
+    out = tmp_path / "circle.png"
+    assert main(["generate", PROMPT, "--model", str(model), "--steps", "3", "--seed", "0", "--out", str(out)]) == 0
+    assert out.is_file()
+    assert f"seed 0" in capsys.readouterr().out
+    want = load_pipeline(model).text_to_image(PROMPT, steps=3, seed=0)[0]
+    assert np.array_equal(pixels(out), np.asarray(want))
+    assert pixels(out).shape == (32, 32, 3)
+
+
+def test_generate_options_reach_the_pipeline(model, tmp_path):
+    out = tmp_path / "options.png"
+    args = ["generate", PROMPT, "--model", str(model), "--steps", "2", "--seed", "3", "--sampler", "euler", "--guidance", "4",
+            "--negative", "a blue square", "--height", "48", "--width", "64", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    want = load_pipeline(model).text_to_image(
+        PROMPT, negative_prompt="a blue square", steps=2, seed=3, sampler="euler", guidance_scale=4.0, height=48, width=64
+    )[0]
+    assert np.array_equal(pixels(out), np.asarray(want))
+    assert pixels(out).shape == (48, 64, 3)
+
+
+def test_without_seed_a_fresh_seed_is_printed_and_reproduces(model, tmp_path, capsys):
+    first, second = tmp_path / "a.png", tmp_path / "b.png"
+    assert main(["generate", PROMPT, "--model", str(model), "--steps", "2", "--out", str(first)]) == 0
+    seed = int(re.search(r"seed (\d+)", capsys.readouterr().out).group(1))
+    assert main(["generate", PROMPT, "--model", str(model), "--steps", "2", "--seed", str(seed), "--out", str(second)]) == 0
+    assert np.array_equal(pixels(first), pixels(second))
+
+
+def test_refuses_to_overwrite_unless_asked(model, tmp_path, capsys):
+    out = tmp_path / "keep.png"
+    out.write_bytes(b"precious")
+    assert main(["generate", PROMPT, "--model", str(model), "--steps", "1", "--seed", "0", "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == b"precious"
+    assert main(["generate", PROMPT, "--model", str(model), "--steps", "1", "--seed", "0", "--out", str(out), "--overwrite", "--quiet"]) == 0
+    assert pixels(out).shape == (32, 32, 3)
+
+
+def test_missing_default_model_names_the_make_target(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SDLEARN_DATA", str(tmp_path / "empty-data"))
+    out = tmp_path / "x.png"
+    assert main(["generate", PROMPT, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "make train-mini-sd" in err and "mini-sd" in err and "--model" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--height", "40"], "multiples of 16"),
+        (["--steps", "0"], "--steps must be at least 1"),
+        (["--sampler", "heun"], "Unknown sampler 'heun'"),
+        (["--eta", "0.5", "--sampler", "euler"], "eta"),
+        (["--guidance", "-1"], "guidance_scale must be a number >= 0"),
+        (["--device", "banana"], "not a device torch knows"),
+    ],
+)
+def test_bad_options_give_one_clear_line_and_write_nothing(model, tmp_path, capsys, extra, message):
+    out = tmp_path / "bad.png"
+    assert main(["generate", PROMPT, "--model", str(model), "--out", str(out), "--quiet", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sdlearn generate: error:") and message in err
+    assert not out.exists()
+
+
+def test_bad_paths_give_clear_errors(model, tmp_path, capsys):
+    cases = [
+        (["--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "a.png")], "Nothing at"),
+        (["--model", str(model / "unet"), "--out", str(tmp_path / "a.png")], "not a pipeline folder"),
+        (["--model", str(model), "--out", str(tmp_path / "no-such-folder" / "a.png")], "does not exist"),
+        (["--model", str(model), "--out", str(tmp_path / "a.xyz")], "image extension"),
+        (["--model", str(model), "--out", str(tmp_path)], "is a folder"),
+    ]
+    for args, message in cases:
+        assert main(["generate", PROMPT, *args]) == 2
+        assert message in capsys.readouterr().err, message
+    assert not (tmp_path / "a.png").exists()
+
+
+def test_python_dash_m_sdlearn(model, tmp_path):
+    out = tmp_path / "sub.png"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-m", "sdlearn", "generate", PROMPT, "--model", str(model), "--steps", "2", "--seed", "5", "--out", str(out)],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "seed 5" in done.stdout
+    want = load_pipeline(model).text_to_image(PROMPT, steps=2, seed=5)[0]
+    assert np.array_equal(pixels(out), np.asarray(want))
+    usage = subprocess.run([sys.executable, "-m", "sdlearn"], capture_output=True, text=True, env=env, timeout=120)
+    assert usage.returncode == 2 and "generate" in usage.stderr
