@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.sdlearn-installed
 
-.PHONY: lab test test-fast notebooks clean-venv
+.PHONY: lab test test-fast notebooks bench clean-venv train-clip
 
 # Create the virtual environment once, and reinstall whenever the pins change.
 $(STAMP): requirements.txt pyproject.toml
@@ -26,6 +26,13 @@ test-fast: $(STAMP)
 
 notebooks: $(STAMP)
 	$(PY) tools/execute_notebooks.py $(if $(NB),$(NB),notebooks/*.ipynb)
+
+# Reproduce the shipped artefacts in data/ (data/README.md lists times and quality).
+train-clip: $(STAMP)
+	$(PY) -m sdlearn.clip train-tiny data/clip-shapes --steps 3000 --batch-size 128
+
+bench: $(STAMP)
+	$(PY) -m sdlearn.bench unet
 
 clean-venv:
 	rm -rf $(VENV)
