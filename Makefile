@@ -29,7 +29,7 @@ notebooks: $(STAMP)
 
 # Reproduce the shipped artefacts in data/ (data/README.md lists times and quality).
 train-clip: $(STAMP)
-	$(PY) -m sdlearn.clip train-tiny data/clip-shapes --steps 3000 --batch-size 128
+	$(PY) -m sdlearn.clip train-tiny data/clip-shapes --steps 3000 --batch-size 128 $(if $(OVERWRITE),--overwrite)
 
 bench: $(STAMP)
 	$(PY) -m sdlearn.bench unet

@@ -760,6 +760,7 @@ def train_tiny_clip(
     image_size: int = 32,
     seed: int = 0,
     out=None,
+    overwrite: bool = False,
     **train_kwargs,
 ):
     """Train a TinyCLIP on shapes images and their (partial) captions; returns (model, tokenizer, history).
@@ -771,6 +772,9 @@ def train_tiny_clip(
     from sdlearn.datasets import Shapes, data_dir
     from sdlearn.train import train
 
+    if out is not None and (Path(out) / "tiny_clip.safetensors").exists() and not overwrite:
+        # Checked before training, so minutes of work are not lost to a refusal at the end.
+        raise FileExistsError(f"{out} already holds a TinyCLIP. Choose another folder or pass overwrite=True (--overwrite).")
     if tokenizer is None:
         tokenizer = CLIPTokenizer.from_pretrained(data_dir() / "tokenizers" / "shapes")
     dataset = Shapes(n_images, seed=seed, size=image_size, split="train", captions="partial", drop_prob=0.3)
@@ -791,7 +795,7 @@ def train_tiny_clip(
 
     history = train(model, clip_loss_fn, batch, steps=steps, lr=lr, seed=seed, **train_kwargs)
     if out is not None:
-        model.save_pretrained(out, tokenizer, overwrite=True)
+        model.save_pretrained(out, tokenizer, overwrite=overwrite)
     return model, tokenizer, history
 
 
@@ -873,13 +877,15 @@ def main(argv=None) -> int:
     tiny.add_argument("--lr", type=float, default=2e-3)
     tiny.add_argument("--n-images", type=int, default=4000)
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--overwrite", action="store_true", help="replace an existing model in OUT")
     args = parser.parse_args(argv)
     if args.command == "shapes-tokenizer":
         tokenizer = train_shapes_tokenizer(args.out)
         print(f"wrote {len(tokenizer)} tokens ({len(tokenizer.merges)} merges) to {args.out}")
     else:
         _, _, history = train_tiny_clip(steps=args.steps, batch_size=args.batch_size, lr=args.lr, n_images=args.n_images,
-                                        seed=args.seed, out=args.out, lr_schedule="cosine")
+                                        seed=args.seed, out=args.out, overwrite=args.overwrite,
+                                        lr_schedule="cosine")
         print(f"trained {args.steps} steps in {history.seconds:.0f} s; final loss (mean of last 100) "
               f"{sum(history.losses[-100:]) / len(history.losses[-100:]):.3f}; saved to {args.out}")
     return 0
