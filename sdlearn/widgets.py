@@ -17,11 +17,20 @@ Widgets:
   for one image over the timesteps, beside a plot of alpha_bar_t and SNR(t) with a marker at t.
 - record_sampling / denoising_stepper (lessons 04, 05): replay a finished sampling run, step
   by step: x_t, the predicted x_0 and the predicted noise at every step, with a play button.
+- record_pipeline / latent_stepper (lesson 09): the same for a text-to-image run of a latent
+  pipeline: the latents z_t and the predicted z_0 of every step, each decoded to pixels by
+  the autoencoder (once per frame, up front), and the guided noise prediction in latent space.
+- guidance_frames / guidance_explorer (lesson 09): one seed at several classifier-free
+  guidance scales s, where the step uses e = e_neg + s (e_cond - e_neg); a slider over s.
+- token_attention / attention_viewer (lessons 06, 09): which pixels each prompt token draws
+  on. The cross-attention probabilities softmax(Q K^T / sqrt(d)) of every cross-attention
+  layer are recorded during sampling, averaged over heads, steps and layers (each layer's
+  map resized to the image first) and shown over the image, one token at a time.
 """
 
 import io
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import ipywidgets as widgets
 import numpy as np
@@ -69,6 +78,11 @@ def _to_uint8(images: torch.Tensor, value_range) -> np.ndarray:
     low, high = value_range
     pixels = (np.clip((x - low) / (high - low), 0, 1) * 255).round().astype(np.uint8)
     return np.moveaxis(pixels, -3, -1)
+
+
+def _pil(image: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [-1, 1] -> PIL image."""
+    return Image.fromarray(_to_uint8(image[None], (-1.0, 1.0))[0])
 
 
 def _panel(pixels: np.ndarray, size: int) -> Image.Image:
@@ -260,6 +274,7 @@ class SamplingRecord:
     x0_pred: torch.Tensor  # (n, B, C, H, W)
     eps_pred: torch.Tensor  # (n, B, C, H, W)
     final: torch.Tensor  # (B, C, H, W)
+    space: str = "pixel"  # "latent": x_t and x0_pred are decoded latents, eps_pred is in latent space
 
     def __len__(self) -> int:
         return len(self.timesteps)
@@ -294,9 +309,16 @@ def record_sampling(
 
 PANELS = ("x_t", "x0_pred", "eps_pred")
 PANEL_TITLES = {
-    "x_t": "x<sub>t</sub> (the sample)",
-    "x0_pred": "predicted x<sub>0</sub>",
-    "eps_pred": "predicted noise &epsilon;",
+    "pixel": {
+        "x_t": "x<sub>t</sub> (the sample)",
+        "x0_pred": "predicted x<sub>0</sub>",
+        "eps_pred": "predicted noise &epsilon;",
+    },
+    "latent": {
+        "x_t": "decoded z<sub>t</sub> (after the step)",
+        "x0_pred": "decoded predicted z<sub>0</sub>",
+        "eps_pred": "guided noise e (latent, 3 of 4 channels)",
+    },
 }
 
 
@@ -330,25 +352,255 @@ def denoising_stepper(
     value_range=(-1.0, 1.0),
     noise_range: float = 3.0,
     interval_ms: int = 150,
+    panels=PANELS,
 ) -> DenoisingStepper:
     """Replay a recorded sampling run: play button and slider over steps, x_t | x0_pred | eps_pred.
 
     value_range maps x_t and x0_pred to black..white; noise is shown over [-noise_range, noise_range].
+    panels: which of PANELS to show, in order.
     """
     if len(record) == 0:
         raise ValueError("The record has no steps. Record a sampling run with record_sampling(...) first.")
+    panels = tuple(panels)
+    if not panels or any(name not in PANELS for name in panels):
+        raise ValueError(f"panels must be a non-empty selection of {PANELS}, got {panels!r}.")
     ranges = {"x_t": value_range, "x0_pred": value_range, "eps_pred": (-noise_range, noise_range)}
-    pngs = {name: [_png(p) for p in tensor_panels(getattr(record, name), size, ranges[name], max_images)] for name in PANELS}
+    pngs = {name: [_png(p) for p in tensor_panels(getattr(record, name), size, ranges[name], max_images)] for name in panels}
     n = len(record)
     labels = [f"<b>step {k + 1} of {n}</b> &nbsp; t = {t:g} &nbsp; ({record.sampler})" for k, t in enumerate(record.timesteps)]
 
     slider = widgets.IntSlider(value=0, min=0, max=n - 1, description="step", continuous_update=True)
     play = widgets.Play(value=0, min=0, max=n - 1, interval=interval_ms, description="play")
     widgets.link((play, "value"), (slider, "value"))  # kernel-side link: works in tests too
-    images = {name: widgets.Image(value=pngs[name][0], format="png") for name in PANELS}
-    columns = [widgets.VBox([widgets.HTML(PANEL_TITLES[name]), images[name]]) for name in PANELS]
+    images = {name: widgets.Image(value=pngs[name][0], format="png") for name in panels}
+    titles = PANEL_TITLES[record.space]
+    columns = [widgets.VBox([widgets.HTML(titles[name]), images[name]]) for name in panels]
     label = widgets.HTML(labels[0])
     box = widgets.VBox([widgets.HBox([play, slider]), label, widgets.HBox(columns)])
     stepper = DenoisingStepper(box, play, slider, images, label, record, pngs, labels)
     slider.observe(stepper._on_change, names="value")
     return stepper
+
+
+# 3. Latent denoising stepper (a text-to-image run of a pipeline) -----------------------
+
+
+def record_pipeline(
+    pipe,
+    prompt,
+    steps: int = 25,
+    guidance_scale: float = 7.5,
+    sampler: str | None = None,
+    seed: int = 0,
+    keep: int = 4,
+    **kwargs,
+) -> SamplingRecord:
+    """Run `pipe.text_to_image` and keep every step, decoded: a SamplingRecord with space="latent".
+
+    x_t holds the latents after each step and x0_pred the sampler's estimate of z_0, both
+    decoded to pixels by the pipeline's VAE (one decoder call per frame, all up front);
+    eps_pred is the guided noise prediction e = e_neg + s (e_cond - e_neg) in latent space.
+    kwargs go to text_to_image (negative_prompt, height, width, eta, ...).
+    """
+    from sdlearn.pipeline import StepRecorder  # imported here: the pipeline pulls in every model module
+
+    recorder = StepRecorder()
+    pipe.text_to_image(prompt, steps=steps, guidance_scale=guidance_scale, sampler=sampler, seed=seed,
+                       callback=recorder, output_type="latent", **kwargs)
+    name = sampler or pipe.default_sampler or ""
+    record = recorder.to_sampling_record(pipe, sampler=name, keep=keep)  # (steps, B, 3, H, W) decoded frames
+    return replace(record, space="latent")
+
+
+def latent_stepper(pipe, prompt, steps: int = 25, guidance_scale: float = 7.5, sampler: str | None = None,
+                   seed: int = 0, size: int = 128, max_images: int = 4, **kwargs) -> DenoisingStepper:
+    """The denoising stepper for a latent pipeline: decoded z_t | decoded predicted z_0 | latent noise."""
+    record = record_pipeline(pipe, prompt, steps, guidance_scale, sampler, seed, keep=max_images, **kwargs)
+    return denoising_stepper(record, max_images=max_images, size=size)
+
+
+# 4. Guidance explorer ---------------------------------------------------------------------
+
+
+@dataclass
+class GuidanceFrames:
+    """The same prompt and seed generated at each guidance scale."""
+
+    prompt: str
+    scales: list  # N floats
+    images: torch.Tensor  # (N, B, 3, H, W) in [-1, 1]
+
+
+def guidance_frames(pipe, prompt, scales=(1.0, 2.0, 4.0, 7.5, 12.0), steps: int = 25, sampler: str | None = None,
+                    seed: int = 0, **kwargs) -> GuidanceFrames:
+    """pipe.text_to_image(prompt, guidance_scale=s, seed=seed) for every s in `scales`.
+
+    The seed fixes the starting noise, so only the guidance changes between frames. A scale of
+    1 (or less) is the conditional model alone: the pipeline then skips the unconditional half.
+    """
+    scales = [float(s) for s in scales]
+    if not scales:
+        raise ValueError("scales is empty: give at least one guidance scale, e.g. (1, 4, 7.5).")
+    if len(set(scales)) != len(scales):
+        raise ValueError(f"scales must be distinct (a slider selects them by value), got {scales}.")
+    if any(s < 0 for s in scales):
+        raise ValueError(f"Guidance scales must be >= 0, got {scales}.")
+    images = [
+        pipe.text_to_image(prompt, steps=steps, guidance_scale=s, sampler=sampler, seed=seed, output_type="tensor", **kwargs)
+        .float().cpu()
+        for s in scales
+    ]  # N x (B, 3, H, W)
+    text = prompt if isinstance(prompt, str) else " | ".join(prompt)
+    return GuidanceFrames(text, scales, torch.stack(images))
+
+
+@dataclass
+class GuidanceExplorer:
+    """The guidance explorer and its parts. Displays as `widget`; set `slider.value = scale`."""
+
+    widget: widgets.VBox
+    slider: widgets.SelectionSlider
+    image: widgets.Image
+    label: widgets.HTML
+    frames: GuidanceFrames
+    pngs: list = field(repr=False)
+    labels: list = field(repr=False)
+
+    def _on_change(self, change) -> None:
+        k = self.frames.scales.index(change["new"])
+        self.image.value = self.pngs[k]
+        self.label.value = self.labels[k]
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)
+
+
+def guidance_explorer(pipe, prompt, scales=(1.0, 2.0, 4.0, 7.5, 12.0), steps: int = 25, sampler: str | None = None,
+                      seed: int = 0, size: int = 128, max_images: int = 4, **kwargs) -> GuidanceExplorer:
+    """A slider over guidance scales s showing the same seed's image(s) at each s (all generated up front)."""
+    frames = guidance_frames(pipe, prompt, scales, steps, sampler, seed, **kwargs)
+    pngs = [_png(panel) for panel in tensor_panels(frames.images, size=size, max_images=max_images)]
+    labels = [
+        f"<b>guidance scale s = {s:g}</b> &nbsp; e = e<sub>neg</sub> + {s:g} (e<sub>cond</sub> &minus; e<sub>neg</sub>)"
+        + (" &nbsp; (s &le; 1: the conditional prediction alone)" if s <= 1 else "")
+        + f" &nbsp; prompt: <i>{frames.prompt}</i>, seed {seed}"
+        for s in frames.scales
+    ]
+    slider = widgets.SelectionSlider(options=frames.scales, value=frames.scales[0], description="scale s",
+                                     continuous_update=True, layout=widgets.Layout(width="60%"))
+    image = widgets.Image(value=pngs[0], format="png")
+    label = widgets.HTML(labels[0])
+    explorer = GuidanceExplorer(widgets.VBox([slider, label, image]), slider, image, label, frames, pngs, labels)
+    slider.observe(explorer._on_change, names="value")
+    return explorer
+
+
+# 5. Cross-attention map viewer --------------------------------------------------------------
+
+
+@dataclass
+class TokenAttention:
+    """Where each token of a prompt was looked at, averaged over heads, layers and steps.
+
+    maps[k, y, x] is the attention probability that pixel (y, x) gives token k, so that
+    maps.sum(0) == 1 at every pixel when all 77 positions are kept (a softmax over tokens).
+    """
+
+    prompt: str
+    tokens: list  # the prompt's tokens, start and end tokens included (k = 0 .. len - 1)
+    image: torch.Tensor  # (3, H, W) in [-1, 1], the generated image
+    maps: torch.Tensor  # (77, H, W): every text position, padding included
+    layers: list  # the cross-attention layers averaged
+
+
+def token_attention(pipe, prompt: str, steps: int = 25, guidance_scale: float = 7.5, sampler: str | None = None,
+                    seed: int = 0, layers=None, **kwargs) -> TokenAttention:
+    """Generate one image for `prompt` while recording every cross-attention layer's probabilities.
+
+    Per layer: the sum over sampling steps divided by their number, averaged over heads,
+    reshaped to its feature map (h, w) and resized (bilinear) to the image; then the mean over
+    layers (as prompt-to-prompt does, Hertz et al. 2022). With guidance, the UNet batch is
+    [unconditional, conditional]: the conditional half is kept, the one that reads the prompt.
+    layers: names of the layers to average (default: all cross-attention layers).
+    """
+    from sdlearn.attention import record_attention  # imported here, like the pipeline
+
+    if not isinstance(prompt, str):
+        raise TypeError(f"Expected one prompt string, got {type(prompt).__name__}; attention maps are drawn for one image.")
+    with record_attention(pipe.unet, kind="cross", accumulate=True) as recorded:
+        image = pipe.text_to_image(prompt, steps=steps, guidance_scale=guidance_scale, sampler=sampler, seed=seed,
+                                   output_type="tensor", **kwargs)[0].float().cpu()  # (3, H, W)
+    names = list(recorded.keys()) if layers is None else list(layers)
+    unknown = [name for name in names if name not in recorded.maps]
+    if unknown:
+        raise ValueError(f"No cross-attention recorded for {unknown}; recorded layers are {list(recorded.keys())}.")
+    maps = recorded.average_token_maps(tuple(image.shape[-2:]), names)  # (B, 77, H, W)
+    maps = maps[-1]  # the conditional half (the only half without guidance)     (77, H, W)
+    tokens = [pipe.tokenizer.bos_token] + pipe.tokenizer.tokenize(prompt)[: maps.shape[0] - 2] + [pipe.tokenizer.eos_token]
+    return TokenAttention(prompt, tokens, image, maps, names)
+
+
+def _token_label(token: str) -> str:
+    return token.replace("</w>", "") or token
+
+
+def _heatmap(image: torch.Tensor, attention: torch.Tensor, size: int, alpha: float = 0.55) -> Image.Image:
+    """The image with one token's map over it (inferno colours, normalised to the map's maximum)."""
+    from matplotlib import colormaps  # imported here: only the viewer needs a colour map
+
+    peak = float(attention.max())
+    normalised = (attention / peak if peak > 0 else attention).clamp(0, 1).numpy()  # (H, W) in [0, 1]
+    heat = colormaps["inferno"](normalised)[..., :3]  # (H, W, 3) in [0, 1]
+    base = (image.clamp(-1, 1).numpy().transpose(1, 2, 0) + 1) / 2  # (H, W, 3) in [0, 1]
+    blend = (1 - alpha) * base + alpha * heat
+    return _resize(Image.fromarray((blend * 255).round().astype(np.uint8)), size)
+
+
+@dataclass
+class AttentionViewer:
+    """The cross-attention viewer and its parts. Displays as `widget`; set `dropdown.value = k` (a token index)."""
+
+    widget: widgets.VBox
+    dropdown: widgets.Dropdown
+    image: widgets.Image
+    heatmap: widgets.Image
+    label: widgets.HTML
+    attention: TokenAttention
+    pngs: list = field(repr=False)  # one heat map PNG per token of the prompt
+    labels: list = field(repr=False)
+
+    def _on_change(self, change) -> None:
+        k = change["new"]
+        self.heatmap.value = self.pngs[k]
+        self.label.value = self.labels[k]
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)
+
+
+def attention_viewer(pipe, prompt: str, steps: int = 25, guidance_scale: float = 7.5, sampler: str | None = None,
+                     seed: int = 0, size: int = 192, start: int | None = None, **kwargs) -> AttentionViewer:
+    """A dropdown over the prompt's tokens; the image beside where that token was attended to.
+
+    start: the token shown first (default: the first word after the start token).
+    """
+    attention = token_attention(pipe, prompt, steps, guidance_scale, sampler, seed, **kwargs)
+    n = len(attention.tokens)
+    pngs = [_png(_heatmap(attention.image, attention.maps[k], size)) for k in range(n)]
+    labels = []
+    for k, token in enumerate(attention.tokens):
+        share = float(attention.maps[k].mean())
+        labels.append(f"token {k}: <b>{_token_label(token)}</b> &nbsp; receives {share:.1%} of the attention on average "
+                      f"(over {len(attention.layers)} layers, heads and {steps} steps)")
+    k = (1 if n > 2 else 0) if start is None else start
+    if not 0 <= k < n:
+        raise ValueError(f"start must be a token index in 0..{n - 1}, got {start}.")
+    dropdown = widgets.Dropdown(options=[(f"{i}: {_token_label(t)}", i) for i, t in enumerate(attention.tokens)], value=k,
+                                description="token")
+    image = widgets.Image(value=_png(_resize(_pil(attention.image), size)), format="png")
+    heatmap = widgets.Image(value=pngs[k], format="png")
+    label = widgets.HTML(labels[k])
+    viewer = AttentionViewer(widgets.VBox([dropdown, label, widgets.HBox([image, heatmap])]), dropdown, image, heatmap,
+                             label, attention, pngs, labels)
+    dropdown.observe(viewer._on_change, names="value")
+    return viewer

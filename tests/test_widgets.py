@@ -118,3 +118,124 @@ def test_stepper_shows_latents_and_refuses_empty_records():
     record.timesteps = []
     with pytest.raises(ValueError, match="no steps"):
         denoising_stepper(record)
+
+
+# Widgets over a latent text-to-image pipeline (a tiny random one: what is tested is that each
+# widget shows exactly what the pipeline computed, not image quality) --------------------------
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from sdlearn.clip import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from sdlearn.datasets import data_dir
+    from sdlearn.pipeline import StableDiffusion
+    from sdlearn.unet import UNet, UNetConfig
+    from sdlearn.vae import AutoencoderKL, VAEConfig
+
+    torch.manual_seed(0)
+    tokenizer = CLIPTokenizer.from_pretrained(data_dir() / "tokenizers" / "shapes")
+    text_config = CLIPTextConfig.tiny(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                      pad_token_id=tokenizer.pad_token_id)
+    unet = UNet(UNetConfig.tiny(sample_size=4, cross_attention_dim=32))  # 4x4 latents: 32x32 images
+    vae = AutoencoderKL(VAEConfig.tiny(block_out_channels=(16, 16, 16, 16), norm_num_groups=8))
+    scheduler = {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                 "num_train_timesteps": 1000, "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
+    return StableDiffusion(unet, vae, CLIPTextModel(text_config), tokenizer, scheduler)
+
+
+PROMPT = "a large red circle in the top left"
+
+
+def test_record_pipeline_decodes_every_step_of_the_run(pipe):
+    from sdlearn.widgets import record_pipeline
+
+    record = record_pipeline(pipe, [PROMPT, "a blue square"], steps=4, guidance_scale=5.0, seed=3)
+    assert record.space == "latent" and record.sampler == "ddim" and len(record) == 4
+    assert record.x_t.shape == record.x0_pred.shape == (4, 2, 3, 32, 32)  # decoded frames
+    assert record.eps_pred.shape == (4, 2, 4, 4, 4)  # latent noise
+    # the last decoded frame is the image the pipeline returns for the same seed
+    image = pipe.text_to_image([PROMPT, "a blue square"], steps=4, guidance_scale=5.0, seed=3, output_type="tensor")
+    assert torch.allclose(record.x_t[-1], image, atol=1e-5)
+    # each frame is the VAE's decoding of that step's latents and x0 prediction (checked for step 1)
+    from sdlearn.pipeline import StepRecorder
+
+    recorder = StepRecorder()
+    pipe.text_to_image([PROMPT, "a blue square"], steps=4, guidance_scale=5.0, seed=3, callback=recorder)
+    assert torch.allclose(record.x_t[1], pipe.decode_latents(recorder.records[1].latents), atol=1e-5)
+    assert torch.allclose(record.x0_pred[1], pipe.decode_latents(recorder.records[1].x0_pred), atol=1e-5)
+    assert torch.equal(record.eps_pred[1], recorder.records[1].eps)
+    assert not torch.allclose(record.x0_pred[0], record.x0_pred[-1])  # the prediction changes over the run
+
+
+def test_latent_stepper_shows_decoded_frames_of_the_slider_step(pipe):
+    from sdlearn.widgets import latent_stepper
+
+    stepper = latent_stepper(pipe, PROMPT, steps=3, guidance_scale=3.0, seed=1, size=32)
+    assert set(stepper.images) == {"x_t", "x0_pred", "eps_pred"}
+    assert "decoded" in stepper.widget.children[2].children[0].children[0].value  # latent titles
+    first = stepper.images["x0_pred"].value
+    stepper.slider.value = 2
+    assert stepper.images["x0_pred"].value == stepper.pngs["x0_pred"][2] != first
+    assert stepper.images["x_t"].value == stepper.pngs["x_t"][2]
+    shown = decode(stepper.images["x_t"].value)[2:34, 2:34]  # 2-pixel border, 32 px image
+    assert np.array_equal(shown, np.asarray(to_pil(stepper.record.x_t[2, 0])))
+    assert "step 3 of 3" in stepper.label.value
+
+
+def test_guidance_frames_are_the_pipeline_images_at_each_scale(pipe):
+    from sdlearn.widgets import guidance_explorer, guidance_frames
+
+    frames = guidance_frames(pipe, PROMPT, scales=(1, 3, 7.5), steps=3, seed=5)
+    assert frames.scales == [1.0, 3.0, 7.5] and frames.images.shape == (3, 1, 3, 32, 32)
+    for k, s in enumerate(frames.scales):
+        expected = pipe.text_to_image(PROMPT, steps=3, guidance_scale=s, seed=5, output_type="tensor")
+        assert torch.equal(frames.images[k], expected)
+    assert not torch.allclose(frames.images[0], frames.images[2])  # guidance changes the image
+
+    explorer = guidance_explorer(pipe, PROMPT, scales=(1, 3, 7.5), steps=3, seed=5, size=32)
+    assert explorer.slider.value == 1.0
+    explorer.slider.value = 7.5
+    assert explorer.image.value == explorer.pngs[2] != explorer.pngs[0]
+    assert np.array_equal(decode(explorer.image.value)[2:34, 2:34], np.asarray(to_pil(explorer.frames.images[2, 0])))
+    assert "s = 7.5" in explorer.label.value
+    with pytest.raises(ValueError, match="distinct"):
+        guidance_frames(pipe, PROMPT, scales=(2, 2))
+
+
+def test_token_attention_maps_are_probabilities_over_the_prompt_tokens(pipe):
+    from sdlearn.widgets import token_attention
+
+    attention = token_attention(pipe, PROMPT, steps=3, guidance_scale=4.0, seed=2)
+    assert attention.tokens[0] == "<|startoftext|>" and attention.tokens[-1] == "<|endoftext|>"
+    assert [t.replace("</w>", "") for t in attention.tokens[1:-1]] == PROMPT.split()
+    assert attention.maps.shape == (77, 32, 32) and attention.image.shape == (3, 32, 32)
+    cross = [name for name, _ in pipe.unet.named_modules() if name.endswith("attn2")]
+    assert attention.layers == cross and len(cross) == 4  # down, mid and two up blocks of the tiny UNet
+    # a softmax over the 77 text positions, averaged and resized linearly: sums to 1 at every pixel
+    assert torch.allclose(attention.maps.sum(0), torch.ones(32, 32), atol=1e-5)
+    assert (attention.maps >= 0).all()
+    # the image is the pipeline's for the same seed (recording does not change the numbers much)
+    image = pipe.text_to_image(PROMPT, steps=3, guidance_scale=4.0, seed=2, output_type="tensor")[0]
+    assert (attention.image - image).abs().max() < 1e-4
+    # one layer only: its own head-averaged map, conditional half, resized
+    one = token_attention(pipe, PROMPT, steps=3, guidance_scale=4.0, seed=2, layers=attention.layers[:1])
+    assert not torch.allclose(one.maps, attention.maps)
+    with pytest.raises(ValueError, match="No cross-attention recorded"):
+        token_attention(pipe, PROMPT, steps=1, layers=["not.a.layer"])
+    with pytest.raises(TypeError, match="one prompt"):
+        token_attention(pipe, [PROMPT, PROMPT], steps=1)
+
+
+def test_attention_viewer_shows_the_map_of_the_chosen_token(pipe):
+    from sdlearn.widgets import attention_viewer
+
+    viewer = attention_viewer(pipe, PROMPT, steps=2, guidance_scale=4.0, seed=0, size=64)
+    n = len(viewer.attention.tokens)
+    assert len(viewer.pngs) == n == len(viewer.dropdown.options)
+    assert viewer.dropdown.value == 1 and "<b>a</b>" in viewer.label.value  # the first word
+    viewer.dropdown.value = 3  # "red"
+    assert viewer.heatmap.value == viewer.pngs[3] and "red" in viewer.label.value
+    assert viewer.pngs[3] != viewer.pngs[0]
+    with pytest.raises(ValueError, match="start"):
+        attention_viewer(pipe, PROMPT, steps=1, start=n)
