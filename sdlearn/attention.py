@@ -389,8 +389,11 @@ class Transformer2DModel(nn.Module):
             h = h.permute(0, 2, 3, 1).reshape(B, H * W, h.shape[1])  # (B, H*W, inner): one token per pixel
         for block in self.transformer_blocks:
             h = block(h, context)
+        # .contiguous(): back to the (B, C, H, W) memory layout. A permuted view would make the
+        # residual sum channels-last, and that layout then spreads through the following
+        # convolutions and GroupNorms, which are slower in it on the CPU.
         if self.use_linear_projection:
-            h = self.proj_out(h).reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W)
+            h = self.proj_out(h).reshape(B, H, W, C).permute(0, 3, 1, 2).contiguous()  # (B, C, H, W)
         else:
             h = self.proj_out(h.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous())  # (B, C, H, W)
         return h + x
