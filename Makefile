@@ -15,8 +15,11 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m ipykernel install --sys-prefix --name sdlearn --display-name "sdlearn (Python 3)" >/dev/null
 	@touch $(STAMP)
 
+# LAB_ARGS passes options to JupyterLab, e.g. `make lab LAB_ARGS="--no-browser --port 8899"`.
+# Jupyter refuses to run as root (containers, cloud VMs) unless told that it is intended.
+LAB_ARGS ?=
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab notebooks/00_welcome.ipynb
+	$(VENV)/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS) notebooks/00_welcome.ipynb
 
 test: $(STAMP)
 	$(VENV)/bin/pytest
