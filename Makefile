@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.sdlearn-installed
 
-.PHONY: lab test test-fast notebooks bench clean-venv train-clip
+.PHONY: lab test test-fast notebooks bench clean-venv train-clip train-tiny-vae train-classifier train-ddpm train-mini-sd
 
 # Create the virtual environment once, and reinstall whenever the pins change.
 $(STAMP): requirements.txt pyproject.toml
@@ -33,6 +33,12 @@ notebooks: $(STAMP)
 # Reproduce the shipped artefacts in data/ (data/README.md lists times and quality).
 train-clip: $(STAMP)
 	$(PY) -m sdlearn.clip train-tiny data/clip-shapes --steps 3000 --batch-size 128 $(if $(OVERWRITE),--overwrite)
+
+train-tiny-vae: $(STAMP)
+	$(PY) -m sdlearn.recipes.tiny_vae --out data/tiny-vae --threads 1 $(if $(OVERWRITE),--overwrite)
+
+train-classifier: $(STAMP)
+	$(PY) -m sdlearn.recipes.classifier --out data/shapes-classifier --threads 1 $(if $(OVERWRITE),--overwrite)
 
 bench: $(STAMP)
 	$(PY) -m sdlearn.bench unet

@@ -1,0 +1,246 @@
+"""Recipe: the tiny AutoencoderKL of lesson 02 and of the mini Stable Diffusion, trained on a CPU.
+
+    python -m sdlearn.recipes.tiny_vae --out data/tiny-vae [--steps N] [--resume] [--overwrite]
+
+The model is sdlearn.vae.AutoencoderKL with VAEConfig.tiny() (overridable with
+--block-out-channels): four levels, so f = 8, and 4 latent channels; a 64x64 shapes image
+becomes a 4x8x8 latent, 48 times fewer numbers, the same ratio as SD's 3x512x512 -> 4x64x64.
+
+Loss. SD's autoencoder (Rombach et al. 2022; CompVis' LPIPSWithDiscriminator, kl_weight in
+autoencoder_kl_f8's config)
+minimises, per image,
+
+    L = sum_pixels |x - x_hat| + kl_weight * KL(q(z | x) || N(0, I)),    kl_weight = 1e-6
+
+(plus a perceptual LPIPS term and, later in training, a patch GAN, both left out here),
+with x_hat decoded from a posterior *sample* z = mu + sigma * eps. The KL weight is tiny on
+purpose: it only keeps the latents from drifting to huge values, it does not make them
+N(0, I) — a strong KL term would blur the reconstructions (the beta trade-off of lesson 02)
+and the diffusion model does not need a tidy prior, only a compact, faithful code. We use the
+same loss, divided by the number of pixel values per image (3 x 64 x 64), which changes only
+its scale, and add the squared error with the same weight as the absolute one: the squared
+error is what PSNR measures, and it pulls large errors (edges) down faster.
+
+Scaling factor. Because the KL weight is tiny, the latents are not unit-variance. After
+training, the recipe encodes training images, draws posterior samples z as SD's training
+does, and writes scaling_factor = 1 / std(z) into config.json (SD 1.x: 0.18215 = 1 / 5.49).
+
+Output: a diffusers AutoencoderKL folder (config.json, diffusion_pytorch_model.safetensors)
+plus training.json (settings, times, PSNR). An existing folder is refused unless
+--overwrite; an interrupted run continues from <out>/train_state.pt with --resume.
+Held-out quality: the mean PSNR of 200 test-split images (Shapes(200, split="test"): only
+the four (colour, shape) pairs the training split never shows), decoded from the posterior
+mean and clamped to [-1, 1].
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from sdlearn.autoencoder import latent_scaling_factor, psnr
+from sdlearn.datasets import Shapes
+from sdlearn.train import train
+from sdlearn.vae import AutoencoderKL, VAEConfig
+
+STATE_NAME = "train_state.pt"  # the resumable training checkpoint, removed after a finished run
+OUTPUT_NAMES = ("config.json", "diffusion_pytorch_model.safetensors", "training.json", STATE_NAME)
+# VAEConfig.tiny() is (32, 64, 64, 64) with 16 groups; narrower first levels train twice as fast
+# on a CPU (the 64x64 and 32x32 convolutions dominate the cost), and 8 groups keep two channels per group.
+BLOCK_OUT_CHANNELS = (16, 32, 64, 64)
+NORM_NUM_GROUPS = 8
+# The posterior starts with sigma = exp(-3) = 0.05 instead of 1 (see start_small_sigma).
+LOGVAR_INIT = -6.0
+
+
+class ShapesBatches:
+    """data(step) -> (B, 3, 64, 64) images from a Shapes dataset; depends only on (seed, step)."""
+
+    def __init__(self, dataset: Shapes, batch_size: int, seed: int = 0):
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+
+    def __call__(self, step: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        index = torch.randint(len(self.dataset), (self.batch_size,), generator=g)
+        return torch.stack([self.dataset[int(i)]["image"] for i in index])
+
+
+class AutoencoderLoss:
+    """(|x - x_hat| + (x - x_hat)^2 summed per image + kl_weight * KL) / values per image, batch mean."""
+
+    def __init__(self, kl_weight: float = 1e-6):
+        self.kl_weight = kl_weight
+
+    def __call__(self, model: AutoencoderKL, x: torch.Tensor) -> torch.Tensor:
+        posterior = model.encode(x)
+        x_hat = model.decode(posterior.sample())  # decoded from a sample, as SD trains it
+        error = x - x_hat
+        rec = (error.abs() + error**2).flatten(1).sum(dim=1)  # (B,)
+        kl = posterior.kl()  # (B,), summed over the 4 x 8 x 8 latent
+        return (rec + self.kl_weight * kl).mean() / x[0].numel()
+
+    def __repr__(self) -> str:
+        return f"AutoencoderLoss(kl_weight={self.kl_weight})"
+
+
+@torch.no_grad()
+def start_small_sigma(model: AutoencoderKL, logvar: float) -> None:
+    """Start every posterior log-variance near `logvar` (the logvar half of quant_conv's bias).
+
+    With the default initialisation sigma starts near 1, as large as the spread of the means,
+    so the decoder first learns from latents that are mostly noise. Under a KL weight of 1e-6
+    the encoder would shrink sigma anyway, which SD's long training affords; a short CPU run
+    starts where that ends. The KL term still acts on sigma throughout training.
+    """
+    L = model.config.latent_channels
+    model.quant_conv.bias[L:] = logvar  # channels [L, 2L) of the moments are logvar
+
+
+@torch.no_grad()
+def reconstruct(model: AutoencoderKL, images: torch.Tensor, batch_size: int = 50) -> torch.Tensor:
+    """decode(posterior mean), clamped to [-1, 1]: what the model shows for `images`."""
+    model.eval()
+    parts = [model.decode(model.encode(images[i : i + batch_size]).mean) for i in range(0, len(images), batch_size)]
+    return torch.cat(parts).clamp(-1, 1)
+
+
+@torch.no_grad()
+def measure_scaling_factor(model: AutoencoderKL, images: torch.Tensor, seed: int = 0, batch_size: int = 64) -> float:
+    """1 / std of posterior samples of `images`, as SD measured 0.18215 (rounded to 5 significant digits)."""
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.cat([model.encode(images[i : i + batch_size]).sample(g) for i in range(0, len(images), batch_size)])
+    return float(f"{latent_scaling_factor(latents):.5g}")
+
+
+def heldout_psnr(model: AutoencoderKL, n: int = 200) -> float:
+    """Mean PSNR (dB) on n test-split images: only (colour, shape) pairs never seen in training."""
+    images = Shapes(n, seed=0, split="test").tensors()
+    return psnr(reconstruct(model, images), images).item()
+
+
+def prepare_folder(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to replace a finished model unless asked; clear our own files when asked."""
+    if resume:
+        if not (out / STATE_NAME).is_file():
+            raise FileNotFoundError(
+                f"Cannot resume: {out / STATE_NAME} does not exist (a finished run removes it). "
+                "Start a new run without --resume, into an empty folder or with --overwrite."
+            )
+        return
+    existing = [name for name in OUTPUT_NAMES if (out / name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{out} already holds {', '.join(existing)}. Pass --overwrite to replace it, --resume to continue "
+            "an interrupted run, or choose another --out."
+        )
+    for name in existing:
+        (out / name).unlink()
+
+
+def recipe_config(block_out_channels: tuple = BLOCK_OUT_CHANNELS, norm_num_groups: int = NORM_NUM_GROUPS) -> VAEConfig:
+    """VAEConfig.tiny() with the widths this recipe trains (f = 8, 4 latent channels either way)."""
+    return VAEConfig.tiny(block_out_channels=tuple(block_out_channels), norm_num_groups=norm_num_groups)
+
+
+def train_tiny_vae(
+    out,
+    steps: int = 2000,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    kl_weight: float = 1e-6,
+    train_images: int = 10_000,
+    block_out_channels: tuple = BLOCK_OUT_CHANNELS,
+    norm_num_groups: int = NORM_NUM_GROUPS,
+    logvar_init: float | None = LOGVAR_INIT,
+    seed: int = 0,
+    scaling_images: int = 512,
+    eval_images: int = 200,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Train, measure the scaling factor, save to `out`; return the summary written to training.json."""
+    out = Path(out)
+    prepare_folder(out, resume, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    config = recipe_config(block_out_channels, norm_num_groups)
+    torch.manual_seed(seed)
+    model = AutoencoderKL.from_config(config)
+    if logvar_init is not None:
+        start_small_sigma(model, logvar_init)
+    dataset = Shapes(train_images, seed=seed, split="train")
+
+    wall, cpu = time.perf_counter(), time.process_time()
+    history = train(
+        model, AutoencoderLoss(kl_weight), ShapesBatches(dataset, batch_size, seed), steps=steps, lr=lr,
+        lr_schedule="cosine", seed=seed, checkpoint=out / STATE_NAME, checkpoint_every=100, resume=resume,
+        progress=progress, desc="tiny AutoencoderKL",
+    )
+    train_wall, train_cpu = time.perf_counter() - wall, time.process_time() - cpu
+
+    model.eval()
+    sample = torch.stack([dataset[i]["image"] for i in range(min(scaling_images, len(dataset)))])
+    model.config.scaling_factor = measure_scaling_factor(model, sample, seed=seed)
+    quality = heldout_psnr(model, eval_images)
+    model.save_pretrained(out, overwrite=True)
+    summary = {
+        "steps": steps, "batch_size": batch_size, "lr": lr, "lr_schedule": "cosine", "kl_weight": kl_weight,
+        "train_images": train_images, "seed": seed, "logvar_init": logvar_init,
+        "block_out_channels": list(config.block_out_channels), "norm_num_groups": config.norm_num_groups,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_seconds_wall": round(train_wall, 1), "train_seconds_cpu": round(train_cpu, 1),
+        "resumed": resume, "threads": torch.get_num_threads(),
+        "final_loss_mean_last_100": round(sum(history.losses[-100:]) / len(history.losses[-100:]), 5),
+        "scaling_factor": model.config.scaling_factor, "scaling_images": len(sample),
+        "heldout_psnr_db": round(quality, 2), "heldout_images": eval_images,
+    }
+    (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / STATE_NAME).unlink()
+    return summary
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sdlearn.recipes.tiny_vae", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="output folder, e.g. data/tiny-vae")
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--kl-weight", type=float, default=1e-6)
+    parser.add_argument("--train-images", type=int, default=10_000)
+    parser.add_argument("--block-out-channels", type=int, nargs=4, default=BLOCK_OUT_CHANNELS, help="widths of the 4 levels")
+    parser.add_argument("--norm-num-groups", type=int, default=NORM_NUM_GROUPS)
+    parser.add_argument("--logvar-init", type=float, default=LOGVAR_INIT, help="initial posterior log-variance")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scaling-images", type=int, default=512, help="training images encoded to measure the scaling factor")
+    parser.add_argument("--eval-images", type=int, default=200, help="held-out images for the PSNR")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 can be faster on a busy machine)")
+    parser.add_argument("--resume", action="store_true", help=f"continue an interrupted run from <out>/{STATE_NAME}")
+    parser.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        summary = train_tiny_vae(
+            args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, kl_weight=args.kl_weight,
+            train_images=args.train_images, block_out_channels=tuple(args.block_out_channels),
+            norm_num_groups=args.norm_num_groups, logvar_init=args.logvar_init, seed=args.seed,
+            scaling_images=args.scaling_images, eval_images=args.eval_images,
+            resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+        )
+    except (FileExistsError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"trained {summary['steps']} steps in {summary['train_seconds_wall']:.0f} s "
+        f"({summary['train_seconds_cpu']:.0f} s CPU); scaling_factor {summary['scaling_factor']}; "
+        f"held-out PSNR {summary['heldout_psnr_db']:.2f} dB; saved to {args.out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

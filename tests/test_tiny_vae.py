@@ -1,0 +1,111 @@
+"""The shipped tiny AutoencoderKL (data/tiny-vae) and the recipe that trains it."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+
+from sdlearn.autoencoder import psnr
+from sdlearn.datasets import Shapes
+from sdlearn.recipes import tiny_vae
+from sdlearn.train import train
+from sdlearn.vae import AutoencoderKL
+
+SHIPPED = Path(__file__).resolve().parent.parent / "data" / "tiny-vae"
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return AutoencoderKL.from_pretrained(SHIPPED).eval()
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    return Shapes(200, seed=0, split="test").tensors()  # only the four held-out (colour, shape) pairs
+
+
+def test_shipped_folder_is_small_and_f8_with_4_channels(shipped):
+    files = {p.name for p in SHIPPED.iterdir()}
+    assert {"config.json", "diffusion_pytorch_model.safetensors", "training.json"} <= files
+    assert tiny_vae.STATE_NAME not in files
+    assert sum(p.stat().st_size for p in SHIPPED.iterdir()) < 5 * 2**20
+    assert shipped.config.downscale_factor == 8 and shipped.config.latent_channels == 4
+    with torch.no_grad():
+        z = shipped.encode(torch.zeros(1, 3, 64, 64)).mean
+    assert z.shape == (1, 4, 8, 8)
+
+
+def test_shipped_reconstructs_heldout_shapes_at_30_db(shipped, heldout):
+    score = psnr(tiny_vae.reconstruct(shipped, heldout), heldout).item()
+    assert score >= 30.0, f"held-out PSNR {score:.2f} dB"
+    recorded = json.loads((SHIPPED / "training.json").read_text())["heldout_psnr_db"]
+    assert abs(score - recorded) < 0.05  # the number in training.json is the one measured here
+
+
+def test_shipped_scaling_factor_is_one_over_latent_std(shipped):
+    dataset = Shapes(512, seed=0, split="train")
+    images = torch.stack([dataset[i]["image"] for i in range(512)])
+    measured = tiny_vae.measure_scaling_factor(shipped, images, seed=0)
+    assert shipped.config.scaling_factor != 1.0  # the tiny preset's placeholder was replaced
+    assert measured == pytest.approx(shipped.config.scaling_factor, rel=1e-3)
+    with torch.no_grad():
+        z = shipped.encode(images[:256]).sample(torch.Generator().manual_seed(1))
+    assert (shipped.config.scaling_factor * z).std().item() == pytest.approx(1.0, abs=0.05)
+
+
+def test_diffusers_loads_the_shipped_folder_and_agrees(shipped, heldout):
+    reference = DiffusersAutoencoderKL.from_pretrained(SHIPPED).eval()
+    assert reference.config.scaling_factor == shipped.config.scaling_factor
+    x = heldout[:8]
+    with torch.no_grad():
+        mean_ours, mean_ref = shipped.encode(x).mean, reference.encode(x).latent_dist.mean
+        decoded_ours, decoded_ref = shipped.decode(mean_ours), reference.decode(mean_ours).sample
+    assert (mean_ours - mean_ref).abs().max().item() <= 1e-4
+    assert (decoded_ours - decoded_ref).abs().max().item() <= 1e-4
+
+
+# ------------------------------------------------------------------------------------------
+# The recipe: a few steps into a temporary folder
+# ------------------------------------------------------------------------------------------
+
+SMOKE = ["--steps", "3", "--batch-size", "2", "--train-images", "16", "--scaling-images", "16",
+         "--eval-images", "4", "--threads", "1", "--no-progress"]
+
+
+def test_recipe_smoke_run_then_refuses_to_overwrite(tmp_path, capsys):
+    out = tmp_path / "vae"
+    assert tiny_vae.main(["--out", str(out), *SMOKE]) == 0
+    assert "held-out PSNR" in capsys.readouterr().out
+    assert {p.name for p in out.iterdir()} == {"config.json", "diffusion_pytorch_model.safetensors", "training.json"}
+    summary = json.loads((out / "training.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    assert summary["steps"] == 3 and config["scaling_factor"] == summary["scaling_factor"] != 1.0
+    DiffusersAutoencoderKL.from_pretrained(out)  # a diffusers folder
+
+    weights = (out / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert tiny_vae.main(["--out", str(out), *SMOKE]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "diffusion_pytorch_model.safetensors").read_bytes() == weights  # untouched
+
+    assert tiny_vae.main(["--out", str(out), *SMOKE, "--seed", "1", "--overwrite"]) == 0
+    assert (out / "diffusion_pytorch_model.safetensors").read_bytes() != weights
+    assert json.loads((out / "training.json").read_text())["seed"] == 1
+
+
+def test_recipe_resumes_an_interrupted_run(tmp_path, capsys):
+    out = tmp_path / "vae"
+    assert tiny_vae.main(["--out", str(out), "--resume", *SMOKE]) == 1
+    assert "Cannot resume" in capsys.readouterr().err
+    # An interrupted run: the training state after 2 of 4 steps, as the recipe's checkpoint leaves it.
+    torch.manual_seed(0)
+    model = AutoencoderKL.from_config(tiny_vae.recipe_config())
+    tiny_vae.start_small_sigma(model, tiny_vae.LOGVAR_INIT)
+    data = tiny_vae.ShapesBatches(Shapes(16, seed=0, split="train"), 2, seed=0)
+    train(model, tiny_vae.AutoencoderLoss(), data, steps=2, checkpoint=out / tiny_vae.STATE_NAME, progress=False)
+    smoke = [a if a != "3" else "4" for a in SMOKE]  # --steps 4
+    assert tiny_vae.main(["--out", str(out), "--resume", *smoke]) == 0
+    summary = json.loads((out / "training.json").read_text())
+    assert summary["resumed"] and summary["steps"] == 4
+    assert not (out / tiny_vae.STATE_NAME).exists()
