@@ -56,7 +56,6 @@ _FEATURES_OFF = {
     "dual_cross_attention": (False,),
     "num_attention_heads": (None,),
     "class_embed_type": (None,),
-    "num_class_embeds": (None,),
     "class_embeddings_concat": (False,),
     "projection_class_embeddings_input_dim": (None,),
     "addition_embed_type": (None,),
@@ -114,6 +113,7 @@ class UNetConfig(ModelConfig):
     attention_head_dim: int | tuple = 8  # the NUMBER of heads per level (historical name, see above)
     use_linear_projection: bool = False  # proj_in/out: 1x1 conv (SD 1.x) or linear (SD 2.x)
     upcast_attention: bool = False  # attention scores in float32 (SD 2.1 768-v)
+    num_class_embeds: int | None = None  # class-conditional models: a learned vector per class, added to emb
 
     def __post_init__(self):
         n = len(self.block_out_channels)
@@ -136,6 +136,8 @@ class UNetConfig(ModelConfig):
             raise CheckpointError(
                 f"cross_attention_dim={self.cross_attention_dim!r}: only one text width for all levels is implemented."
             )
+        if self.num_class_embeds is not None and self.num_class_embeds < 1:
+            raise ValueError(f"num_class_embeds must be a positive number of classes or None, got {self.num_class_embeds}.")
         if self.upcast_attention is None:  # SD 1.5's config.json writes null for "off"
             self.upcast_attention = False
         for name in ("layers_per_block", "transformer_layers_per_block", "attention_head_dim"):
@@ -381,6 +383,8 @@ class UNet(Pretrained, nn.Module):
         self.conv_in = nn.Conv2d(c.in_channels, channels[0], kernel_size=3, padding=1)
         self.time_proj = SinusoidalEmbedding(channels[0], c.flip_sin_to_cos, c.freq_shift)
         self.time_embedding = TimestepEmbedding(channels[0], time_embed_dim)
+        # Class conditioning (diffusers' num_class_embeds with class_embed_type=None): emb += E[label]
+        self.class_embedding = nn.Embedding(c.num_class_embeds, time_embed_dim) if c.num_class_embeds else None
 
         self.down_blocks = nn.ModuleList()
         for i, block_type in enumerate(c.down_block_types):
@@ -458,10 +462,26 @@ class UNet(Pretrained, nn.Module):
 
     # forward -----------------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor, t, context: torch.Tensor) -> torch.Tensor:
+    def _class_embedding(self, class_labels, x: torch.Tensor) -> torch.Tensor:
+        """E[class_labels] (B, 4 * C_0) for a class-conditional model, after checking the labels."""
+        n = self.config.num_class_embeds
+        if self.class_embedding is None:
+            raise ValueError("class_labels were given, but this UNet has no class embedding (num_class_embeds=None).")
+        if class_labels is None:
+            raise ValueError(f"This UNet is class-conditional (num_class_embeds={n}): pass class_labels, a (B,) LongTensor.")
+        labels = torch.as_tensor(class_labels, device=x.device)
+        if labels.ndim != 1 or labels.shape[0] != x.shape[0] or labels.is_floating_point():
+            raise ValueError(f"class_labels must be integers of shape ({x.shape[0]},), got {labels.dtype} {tuple(labels.shape)}.")
+        if labels.min() < 0 or labels.max() >= n:
+            raise ValueError(f"class_labels must lie in 0..{n - 1}, got values from {int(labels.min())} to {int(labels.max())}.")
+        return self.class_embedding(labels).to(x.dtype)
+
+    def forward(self, x: torch.Tensor, t, context: torch.Tensor, class_labels=None) -> torch.Tensor:
         self._check_inputs(x, context)
         # The sinusoids are computed in float32, then cast (as diffusers does for fp16 models).
         emb = self.time_embedding(self.time_proj(self._timesteps(t, x)).to(x.dtype))  # (B, 4 * C_0)
+        if self.class_embedding is not None or class_labels is not None:
+            emb = emb + self._class_embedding(class_labels, x)  # the class joins the timestep in every ResNet block
 
         h = self.conv_in(x)  # (B, C_0, H, W)
         skips = [h]

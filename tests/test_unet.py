@@ -203,7 +203,7 @@ def test_full_size_parameter_counts():
     "key, value",
     [("class_embed_type", "timestep"), ("addition_embed_type", "text_time"), ("center_input_sample", True),
      ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"), ("only_cross_attention", True), ("time_cond_proj_dim", 256),
-     ("resnet_time_scale_shift", "scale_shift"), ("conv_in_kernel", 7), ("num_class_embeds", 10)],
+     ("resnet_time_scale_shift", "scale_shift"), ("conv_in_kernel", 7), ("class_embeddings_concat", True)],
 )
 def test_unimplemented_features_are_refused(key, value):
     with pytest.raises(CheckpointError, match=key):
@@ -388,3 +388,23 @@ def test_half_precision_on_cuda_matches_diffusers():
         ref = theirs(x, torch.tensor([3, 700], device="cuda"), context).sample
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
     assert (out.float() - ref.float()).abs().max() <= 1e-2
+
+
+def test_class_conditional_unet_equals_diffusers(tmp_path):
+    """num_class_embeds: a learned vector per class added to the timestep embedding, as diffusers does."""
+    ours, theirs = pair(UNetConfig.tiny(num_class_embeds=5))
+    x, context = inputs(ours.config)
+    labels = torch.tensor([0, 4])
+    with torch.no_grad():
+        out = ours(x, 10, context, class_labels=labels)
+        err = (out - theirs(x, 10, context, class_labels=labels).sample).abs().max().item()
+        assert err <= TOL
+        assert not torch.allclose(out, ours(x, 10, context, class_labels=torch.tensor([1, 4])))
+    ours.save_pretrained(tmp_path / "unet")
+    assert UNet2DConditionModel.from_pretrained(tmp_path / "unet").config.num_class_embeds == 5
+    with pytest.raises(ValueError, match="pass class_labels"):
+        ours(x, 10, context)
+    with pytest.raises(ValueError, match="0..4"):
+        ours(x, 10, context, class_labels=torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match="no class embedding"):
+        pair(UNetConfig.tiny())[0](x, 10, context, class_labels=labels)
