@@ -18,6 +18,7 @@ also fails the notebook under nbval. A passed check prints a short confirmation.
     )
 """
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -49,14 +50,17 @@ class Mistake:
 
 
 def _clone(value):
-    """Give each function its own copy of the inputs, so in-place edits cannot leak."""
+    """Give each function its own copy of the inputs, so in-place edits (or a sampler's step
+    counter) cannot leak from one call into the next. Modules and functions are shared."""
     if isinstance(value, torch.Tensor):
         return value.clone()
     if isinstance(value, (list, tuple)):
         return type(value)(_clone(v) for v in value)
     if isinstance(value, dict):
         return {k: _clone(v) for k, v in value.items()}
-    return value
+    if value is None or isinstance(value, (bool, int, float, str, torch.nn.Module, torch.Generator)) or callable(value):
+        return value
+    return copy.deepcopy(value)
 
 
 def _call(fn: Callable, case: Case):
