@@ -26,6 +26,8 @@ More quantities used by training and samplers:
     SNR(t)  = alpha_bar_t / (1 - alpha_bar_t)              signal-to-noise ratio (Kingma et al. 2021)
     v       = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0      "v-prediction" target
               (Salimans & Ho 2022, "Progressive Distillation", section 4; SD 2.x predicts v)
+    w(t)    = min(SNR(t), gamma) / SNR(t) (eps) or / (SNR(t) + 1) (v)  Min-SNR-gamma loss
+              weights (Hang et al. 2023), min_snr_weight
     sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) = 1 / sqrt(SNR)  noise level of the
               "variance exploding" view used by k-diffusion (Karras et al. 2022):
               x_t / sqrt(alpha_bar_t) = x_0 + sigma_t eps.
@@ -313,6 +315,24 @@ class NoiseSchedule:
         """SNR(t) = alpha_bar_t / (1 - alpha_bar_t); all T values when t is None."""
         alpha_bar = self.alpha_bar if t is None else self.alpha_bar[self._check_t(t)]
         return alpha_bar / (1 - alpha_bar)
+
+    def min_snr_weight(self, t, prediction_type: str = "epsilon", gamma: float = 5.0) -> torch.Tensor:
+        """Min-SNR-gamma loss weights (Hang et al. 2023, eq. 8 and table 1), one per timestep in t.
+
+        The network's error, whatever it predicts, is converted to an error in x_0 and weighted
+        by min(SNR, gamma): easy, almost noise-free timesteps stop dominating the gradient.
+        Per target: eps  -> min(SNR, gamma) / SNR,   v -> min(SNR, gamma) / (SNR + 1),
+                    x_0  -> min(SNR, gamma).
+        """
+        snr = self.snr(t)
+        clipped = torch.clamp(snr, max=gamma)
+        if prediction_type == "epsilon":
+            return clipped / snr
+        if prediction_type == "v_prediction":
+            return clipped / (snr + 1)
+        if prediction_type == "sample":
+            return clipped
+        raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {prediction_type!r}.")
 
     def v_target(self, x0: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
         """v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0   (Salimans & Ho 2022, section 4)."""

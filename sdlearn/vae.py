@@ -347,3 +347,18 @@ class AutoencoderKL(Pretrained, nn.Module):
         posterior = self.encode(x)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z)
+
+
+# ------------------------------------------------------------------------------------------
+# The course's trained tiny autoencoder
+# ------------------------------------------------------------------------------------------
+
+TINY_FOLDER = "tiny-vae"  # under data/, made by `make train-tiny-vae`
+
+
+def load_tiny_vae(folder=None, device=None) -> AutoencoderKL:
+    """The shipped tiny AutoencoderKL (data/tiny-vae: f = 8, 4 latent channels, 64x64 images), in eval mode."""
+    from sdlearn.datasets import data_path  # the datasets module is not needed for the model itself
+
+    folder = data_path(TINY_FOLDER, "train-tiny-vae") if folder is None else folder
+    return AutoencoderKL.from_pretrained(folder, device=device).eval()

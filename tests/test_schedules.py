@@ -169,3 +169,20 @@ def test_bad_inputs_have_clear_errors():
         NoiseSchedule(3, trained_betas=[0.1, 0.0, 0.2])
     with pytest.raises(ValueError, match="positive integer"):
         NoiseSchedule(0)
+
+
+def test_min_snr_weights_follow_the_paper():
+    """Hang et al. 2023: min(SNR, gamma) / SNR for eps, / (SNR + 1) for v, and min(SNR, gamma) for x_0."""
+    schedule = NoiseSchedule.sd()
+    t = torch.tensor([0, 100, 400, 999])
+    snr = schedule.alpha_bar[t] / (1 - schedule.alpha_bar[t])
+    gamma = 5.0
+    clipped = torch.minimum(snr, torch.tensor(gamma))
+    torch.testing.assert_close(schedule.min_snr_weight(t, "epsilon", gamma), clipped / snr)
+    torch.testing.assert_close(schedule.min_snr_weight(t, "v_prediction", gamma), clipped / (snr + 1))
+    torch.testing.assert_close(schedule.min_snr_weight(t, "sample", gamma), clipped)
+    # Low-noise timesteps (SNR above gamma) are down-weighted, noisy ones keep weight 1 for eps.
+    w = schedule.min_snr_weight(t, "epsilon", gamma)
+    assert w[0] < 0.1 and w[-1] == 1.0
+    with pytest.raises(ValueError, match="prediction_type"):
+        schedule.min_snr_weight(t, "x0")
