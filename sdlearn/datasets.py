@@ -32,6 +32,7 @@ and processes, and the same whatever n is: Shapes(100)[i] == Shapes(10_000)[i].
 The attributes do not depend on the image size either: size=32 shows the same scenes.
 """
 
+import math
 import os
 import re
 from pathlib import Path
@@ -189,6 +190,21 @@ def render(colour, shape, size, position, size_px: int = 64, jitter_rng=None, an
     size_px = _check_size(size_px)
     jitter = (0.0, 0.0) if jitter_rng is None else jitter_rng.uniform(-1.0, 1.0, size=2)
     return Image.fromarray(_draw(*labels, size_px, jitter, antialias))
+
+
+def cell_mask(position, size_px: int = 64, align: int = 8) -> torch.Tensor:
+    """A (1, size_px, size_px) float mask, 1 on the grid cell of `position` and 0 elsewhere.
+
+    The cell is grown outwards to multiples of `align` pixels (8: the autoencoder's latent
+    pixels), so the mask is exact at latent resolution: an inpainting mask for one shape.
+    """
+    row, col = divmod(_index("position", position, POSITIONS), 3)
+    cell = _check_size(size_px) / 3
+    y0, y1 = math.floor(row * cell / align) * align, math.ceil((row + 1) * cell / align) * align
+    x0, x1 = math.floor(col * cell / align) * align, math.ceil((col + 1) * cell / align) * align
+    mask = torch.zeros(1, size_px, size_px)
+    mask[:, y0:min(y1, size_px), x0:min(x1, size_px)] = 1.0
+    return mask
 
 
 # ---------------------------------------------------------------------------------------

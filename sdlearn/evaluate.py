@@ -485,6 +485,114 @@ def format_clean_rates(results: Mapping, n: int) -> str:
     return "\n".join(lines)
 
 
+EVAL_PROMPT_SEED = 2000  # the evaluation prompts: scenes no training run draws (training uses seeds 0-1)
+
+
+def prompt_set(n: int = 200, split: str = "train", seed: int = EVAL_PROMPT_SEED) -> tuple:
+    """n prompts naming all four attributes, and what each asks for: (prompts, requested).
+
+    The scenes are those of Shapes(n, seed, split, captions="full"): split="train" draws the
+    28 training (colour, shape) pairs, split="test" only the four HELD_OUT ones. requested[i]
+    maps colour, shape, size and position to names, ready for `faithfulness`.
+    """
+    dataset = Shapes(n, seed=seed, split=split, captions="full")
+    return list(dataset.captions), [dataset.attributes(i) for i in range(n)]
+
+
+@torch.no_grad()
+def generate(pipe, prompts: Sequence[str], sampler: str = "ddim", steps: int = 25, guidance_scale: float = 4.0,
+             negative_prompt=None, seed: int = 0, batch_size: int = 50, progress: bool = False) -> torch.Tensor:
+    """Images (n, 3, H, W) in [-1, 1] for `prompts`, in batches; batch k uses the seed seed + k."""
+    batches = range(0, len(prompts), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc=f"{sampler}, guidance {guidance_scale:g}", leave=False)
+    images = []
+    for k, start in enumerate(batches):
+        chunk = list(prompts[start : start + batch_size])
+        negatives = None if negative_prompt is None else [negative_prompt] * len(chunk)
+        images.append(pipe.text_to_image(chunk, negative_prompt=negatives, steps=steps, guidance_scale=guidance_scale,
+                                         sampler=sampler, seed=seed + k, output_type="tensor"))
+    return torch.cat(images).float().cpu()
+
+
+def pair_accuracy(images, requested: Sequence[Mapping], classifier=None) -> float:
+    """The fraction of images whose colour AND shape are both the requested ones."""
+    pairs = [{"colour": r["colour"], "shape": r["shape"]} for r in requested]
+    return faithfulness(images, pairs, classifier)["all"]["accuracy"]
+
+
+def text_to_image_report(pipe, samplers=("ddim",), n: int = 200, n_heldout: int = 100, steps: int = 25,
+                         guidance_scale: float = 4.0, seed: int = 0, classifier=None, progress: bool = False) -> dict:
+    """Faithfulness of a text-to-image pipeline, per sampler: the table on n training-pair prompts
+    naming all four attributes, and on n_heldout prompts of the HELD_OUT pairs (with the rate at
+    which colour and shape are both right), plus seconds per image."""
+    prompts, requested = prompt_set(n, "train")
+    held_prompts, held_requested = prompt_set(n_heldout, "test")
+    report = {}
+    for name in samplers:
+        began = time.perf_counter()
+        images = generate(pipe, prompts, name, steps, guidance_scale, seed=seed, progress=progress)
+        seconds = (time.perf_counter() - began) / len(prompts)
+        held = generate(pipe, held_prompts, name, steps, guidance_scale, seed=seed + 1000, progress=progress)
+        report[name] = {
+            "train_pairs": faithfulness(images, requested, classifier),
+            "held_out": faithfulness(held, held_requested, classifier),
+            "held_out_pair_accuracy": pair_accuracy(held, held_requested, classifier),
+            "seconds_per_image": seconds,
+        }
+    return report
+
+
+@torch.no_grad()
+def inpainting_report(pipe, images, prompts: Sequence[str], masks, colours: Sequence[str], steps: int = 25,
+                      guidance_scale: float = 4.0, sampler: str = "ddim", seed: int = 0, classifier=None) -> dict:
+    """Inpaint each image under its mask and prompt; measure what stayed and what changed.
+
+    outside_error:        mean |inpainted - input| over the pixels outside the masks (range 2)
+    reconstruction_error: the same for the autoencoder's round trip decode(mean of E(x)) of the input,
+                          the floor any latent edit is measured against
+    colour_accuracy:      the fraction of results whose shape has the requested colour
+    """
+    results, recons, inputs, outside = [], [], [], []
+    for i, (image, prompt, mask) in enumerate(zip(images, prompts, masks)):
+        results.append(pipe.inpaint(prompt, image, mask, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
+                                    seed=seed + i, output_type="tensor").float().cpu())
+        x = as_batch(image)
+        z = pipe.vae.encode(x.to(device=pipe.device, dtype=pipe.vae_dtype)).mean
+        recons.append(pipe.vae.decode(z).clamp(-1, 1).float().cpu())
+        inputs.append(x)
+        outside.append((1 - torch.as_tensor(mask, dtype=torch.float32).reshape(1, 1, *x.shape[-2:])).expand_as(x))
+    results, recons, inputs, outside = (torch.cat(v) for v in (results, recons, inputs, outside))
+    read = classify(results, classifier).names()
+    return {
+        "outside_error": ((results - inputs).abs() * outside).sum().item() / outside.sum().item(),
+        "reconstruction_error": ((recons - inputs).abs() * outside).sum().item() / outside.sum().item(),
+        "colour_accuracy": sum(r["colour"] == c for r, c in zip(read, colours)) / len(read),
+        "images": results,
+    }
+
+
+def recommended_guidance(folder, default: float = 4.0) -> float:
+    """The guidance scale a trained model's training.json recommends (the recipe measures it), else `default`."""
+    record = Path(folder) / "training.json"
+    if record.is_file():
+        return float(json.loads(record.read_text()).get("guidance_scale", default))
+    return default
+
+
+def format_text_to_image_report(report: Mapping, n: int, n_heldout: int, steps: int, guidance_scale: float) -> str:
+    heads = (*HEADS, "all")
+    lines = [f"faithfulness: {n} prompts naming all four attributes ({steps} steps, guidance {guidance_scale:g}); "
+             f"held out: {n_heldout} prompts of the HELD_OUT pairs"]
+    lines.append(f"{'sampler':<10}" + "".join(f"{h:>10}" for h in heads) + f"{'held-out pair':>15}{'s/image':>9}")
+    for name, row in report.items():
+        cells = "".join(f"{100 * row['train_pairs'][h]['accuracy']:9.1f}%" for h in heads)
+        lines.append(f"{name:<10}{cells}{100 * row['held_out_pair_accuracy']:14.1f}%{row['seconds_per_image']:9.3f}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sdlearn.evaluate", description="Score the shapes classifier and the course's generators.")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; 1 is fastest on a busy machine)")
@@ -501,6 +609,16 @@ def main(argv=None) -> int:
     p.add_argument("--samplers", nargs="+", default=None, help="default: all six")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the table to this JSON file")
+    p = commands.add_parser("text-to-image", help="faithfulness of a text-to-image pipeline (default data/mini-sd) per sampler")
+    p.add_argument("--model", default=None, help="any source sdlearn.load_pipeline accepts (default data/mini-sd)")
+    p.add_argument("--classifier", default=None, help="classifier folder (default data/shapes-classifier)")
+    p.add_argument("--samplers", nargs="+", default=["ddim"], help="sampler names (default: ddim)")
+    p.add_argument("--n", type=int, default=200, help="prompts of training pairs")
+    p.add_argument("--heldout", type=int, default=100, help="prompts of the held-out pairs")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's recorded choice, else 4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, help="also write the report to this JSON file")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -526,6 +644,23 @@ def main(argv=None) -> int:
             report = {"command": command, "samples": args.samples, "seed": args.seed, "torch_threads": torch.get_num_threads(),
                       "seconds": round(time.perf_counter() - began, 1), "results": rows}
             args.json.write_text(json.dumps(report, indent=2) + "\n")
+        return 0
+    if args.command == "text-to-image":
+        from sdlearn.pretrained import load_pipeline  # the pipeline pulls in every model class
+
+        began = time.perf_counter()
+        model = args.model if args.model is not None else data_path("mini-sd", "train-mini-sd")
+        pipe = load_pipeline(model)
+        guidance = args.guidance if args.guidance is not None else recommended_guidance(model)
+        report = text_to_image_report(pipe, args.samplers, args.n, args.heldout, args.steps, guidance, args.seed,
+                                      classifier, progress=True)
+        print(format_text_to_image_report(report, args.n, args.heldout, args.steps, guidance))
+        if args.json is not None:
+            command = "python -m sdlearn.evaluate " + " ".join(sys.argv[1:] if argv is None else argv)
+            out = {"command": command, "n": args.n, "heldout": args.heldout, "steps": args.steps, "guidance_scale": guidance,
+                   "seed": args.seed, "torch_threads": torch.get_num_threads(),
+                   "seconds": round(time.perf_counter() - began, 1), "samplers": report}
+            args.json.write_text(json.dumps(out, indent=2) + "\n")
         return 0
     return 2
 
