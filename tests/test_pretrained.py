@@ -413,3 +413,20 @@ def test_full_size_folder_gives_diffusers_image(tmp_path, sd2):
         gc.collect()
         again = load_pipeline(path)
         assert psnr(ours_image(again, height=64, width=64), reference) >= 40
+
+
+def test_lesson_pipeline_falls_back_to_mini_sd_and_says_why(monkeypatch, folder):
+    """Lesson 11 without a GPU: mini-SD, with a reason; with device="cpu" the given weights are used."""
+    from sdlearn.pretrained import MODEL_ENV, lesson_pipeline
+
+    monkeypatch.delenv(MODEL_ENV, raising=False)
+    if torch.cuda.is_available() or torch.backends.mps.is_available():
+        pytest.skip("the fallback is for machines without a GPU")
+    model = lesson_pipeline()
+    assert not model.real and "mini-SD" in model.description and MODEL_ENV in model.description
+    assert model.pipe.unet.config.sample_size == 8
+    monkeypatch.setenv(MODEL_ENV, str(folder))
+    model = lesson_pipeline()
+    assert not model.real and "no GPU" in model.description and str(folder) in model.description
+    model = lesson_pipeline(device="cpu")
+    assert model.real and model.pipe.unet.config.cross_attention_dim == load_pipeline(folder).unet.config.cross_attention_dim
