@@ -408,3 +408,17 @@ def test_class_conditional_unet_equals_diffusers(tmp_path):
         ours(x, 10, context, class_labels=torch.tensor([0, 5]))
     with pytest.raises(ValueError, match="no class embedding"):
         pair(UNetConfig.tiny())[0](x, 10, context, class_labels=labels)
+
+
+def test_bench_unet_reports_median_and_fastest_calls(capsys):
+    """`python -m sdlearn.bench unet` at tiny size: both ratios printed, every call timed, same outputs."""
+    from sdlearn.bench import main, time_interleaved
+
+    assert main(["unet", "--config", "tiny", "--size", "16", "--repeats", "3", "--cpu-only"]) == 0
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if "ratio" in line]
+    assert line.startswith("UNet tiny, batch 2, 4x16x16, fp32") and "3 calls each" in line
+    assert float(line.rsplit("max |diff| ", 1)[1]) == 0.0
+    calls = []
+    times = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=4, warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]  # warm-up, then alternating order
+    assert len(times["a"]) == 4 and times["a"].best <= times["a"].median
