@@ -99,6 +99,23 @@ def time_interleaved(fns: dict, repeats: int = 5, warmup: int = 1, device: torch
     return times
 
 
+def count_operator_calls(fn) -> dict:
+    """How many times one call of `fn` runs each torch operator (aten::...), from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {event.key: event.count for event in prof.key_averages() if event.key.startswith("aten::")}
+
+
+def operator_line(ours: dict, theirs: dict, top: int = 4) -> str:
+    """One line comparing two operator counts: totals and the operators whose counts differ most."""
+    differing = sorted(set(ours) | set(theirs), key=lambda k: -abs(ours.get(k, 0) - theirs.get(k, 0)))
+    shown = ", ".join(f"{k[6:]} {ours.get(k, 0)} vs {theirs.get(k, 0)}" for k in differing[:top] if ours.get(k, 0) != theirs.get(k, 0))
+    return (f"  operator calls per forward pass: sdlearn {sum(ours.values())}, diffusers {sum(theirs.values())}"
+            + (f" (most different: {shown})" if shown else ""))
+
+
 # UNet ------------------------------------------------------------------------------------------
 
 
@@ -118,7 +135,7 @@ def build_unet_pair(config, device="cpu", dtype=torch.float32, seed=0):
     return ours.eval(), theirs
 
 
-def _unet_case(ours, theirs, label, batch, size, device, dtype, repeats, warmup) -> Timing:
+def _unet_case(ours, theirs, label, batch, size, device, dtype, repeats, warmup, count_ops=False) -> Timing:
     config = ours.config
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, config.in_channels, size, size, generator=g).to(device, dtype)
@@ -132,6 +149,9 @@ def _unet_case(ours, theirs, label, batch, size, device, dtype, repeats, warmup)
             warmup=warmup,
             device=torch.device(device),
         )
+        if count_ops:
+            print(operator_line(count_operator_calls(lambda: ours(x, t, context)),
+                                count_operator_calls(lambda: theirs(x, t, context, return_dict=False))), flush=True)
     return Timing(label, times["ours"], times["theirs"], diff)
 
 
@@ -142,7 +162,7 @@ def bench_unet(args) -> list:
     results = []
     ours, theirs = build_unet_pair(config, "cpu", torch.float32)
     label = f"UNet {args.config}, batch {args.batch}, 4x{args.size}x{args.size}, fp32, CPU ({torch.get_num_threads()} threads)"
-    results.append(_unet_case(ours, theirs, label, args.batch, args.size, "cpu", torch.float32, args.repeats, args.warmup))
+    results.append(_unet_case(ours, theirs, label, args.batch, args.size, "cpu", torch.float32, args.repeats, args.warmup, args.count_ops))
     print(results[-1].line(), flush=True)
     del ours, theirs
     if torch.cuda.is_available() and not args.cpu_only:
@@ -280,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     unet.add_argument("--repeats", type=int, default=9, help="timed calls of each model (the median and the fastest are reported)")
     unet.add_argument("--warmup", type=int, default=1, help="untimed calls of each model first")
     unet.add_argument("--cpu-only", action="store_true", help="skip the CUDA run even if a GPU is present")
+    unet.add_argument("--count-ops", action="store_true", help="also count the torch operators each model runs on the CPU (torch.profiler)")
     unet.set_defaults(run=bench_unet)
     pipe = commands.add_parser("pipeline", help="sdlearn's StableDiffusion vs diffusers' StableDiffusionPipeline: UNet step, VAE decode, generation")
     pipe.add_argument("--config", default="sd15", choices=["tiny", "sd15"], help="model sizes (random weights) on the CPU")

@@ -414,8 +414,12 @@ def test_bench_unet_reports_median_and_fastest_calls(capsys):
     """`python -m sdlearn.bench unet` at tiny size: both ratios printed, every call timed, same outputs."""
     from sdlearn.bench import main, time_interleaved
 
-    assert main(["unet", "--config", "tiny", "--size", "16", "--repeats", "3", "--cpu-only"]) == 0
-    (line,) = [line for line in capsys.readouterr().out.splitlines() if "ratio" in line]
+    assert main(["unet", "--config", "tiny", "--size", "16", "--repeats", "3", "--cpu-only", "--count-ops"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    (ops,) = [line for line in out if "operator calls" in line]
+    ours_ops, theirs_ops = (int(part.split()[-1]) for part in ops.split(":", 1)[1].split("(")[0].split(","))
+    assert 0 < ours_ops <= theirs_ops  # sdlearn's UNet runs no more operators than diffusers'
+    (line,) = [line for line in out if "ratio" in line]
     assert line.startswith("UNet tiny, batch 2, 4x16x16, fp32") and "3 calls each" in line
     assert float(line.rsplit("max |diff| ", 1)[1]) == 0.0
     calls = []
