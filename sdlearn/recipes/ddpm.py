@@ -44,6 +44,7 @@ import torch
 from sdlearn.datasets import Shapes
 from sdlearn.ddpm import (BETA_RANGES, IMAGE_SIZE, MIN_SNR_GAMMA, PREDICTION_TYPES, DiffusionLoss, sample, schedule,
                          schedule_config, training_batch, unet_config)
+from sdlearn.recipes import prepare_work_folder, work_folder
 from sdlearn.train import EMALoss, EMATrainee, train
 from sdlearn.unet import UNet
 
@@ -66,9 +67,6 @@ class NoisyShapes:
         return training_batch(x0, self.T, generator=g, offset_noise=self.offset_noise)
 
 
-def work_folder(out: Path) -> Path:
-    return out.with_name(out.name + "-work")
-
 
 def train_ddpm(out, steps: int = STEPS, batch_size: int = 32, lr: float = 2e-3, ema_decay: float = 0.999,
                train_images: int = 10_000, seed: int = 0, resume: bool = False, overwrite: bool = False,
@@ -78,14 +76,7 @@ def train_ddpm(out, steps: int = STEPS, batch_size: int = 32, lr: float = 2e-3, 
                precision: str = "fp32") -> dict:
     """Train, save to `out`, and return the training report (also written to out/training.json)."""
     out = Path(out)
-    work = work_folder(out)
-    if (out / "unet" / "config.json").exists() and not overwrite:
-        raise FileExistsError(f"{out} already holds a DDPM. Pass --overwrite to replace it, or choose another --out.")
-    if work.exists() and not (resume or overwrite):
-        raise FileExistsError(f"{work} holds an unfinished run. Pass --resume to continue it, or --overwrite to start again.")
-    if overwrite and work.exists() and not resume:
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
+    work = prepare_work_folder(out, "unet/config.json", "a DDPM", resume, overwrite)
 
     wall, cpu = time.perf_counter(), time.process_time()
     images = Shapes(train_images, seed=0, size=IMAGE_SIZE, split="train").tensors()  # (N, 3, 32, 32)

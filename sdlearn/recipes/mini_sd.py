@@ -60,6 +60,7 @@ from sdlearn.pipeline import StableDiffusion
 from sdlearn.plotting import image_grid
 from sdlearn.schedules import NoiseSchedule
 from sdlearn.ddpm import DiffusionLoss
+from sdlearn.recipes import prepare_work_folder, work_folder
 from sdlearn.train import EMALoss, EMATrainee, train
 from sdlearn.unet import UNet, UNetConfig
 from sdlearn.vae import AutoencoderKL
@@ -319,23 +320,13 @@ def choose_guidance(pipe: StableDiffusion, scales, n: int, steps: int = 25) -> d
     return {float(s): faithfulness(generate(pipe, prompts, "ddim", steps, s), requested)["all"]["accuracy"] for s in scales}
 
 
-def work_folder(out: Path) -> Path:
-    return out.with_name(out.name + "-work")
-
 
 def train_mini_sd(out, config: MiniSDConfig | None = None, resume: bool = False, overwrite: bool = False,
                   vae=None, progress: bool = True, keep_work: bool = False) -> StableDiffusion:
     """Run the three stages and save the pipeline to `out`; returns the StableDiffusion."""
     config = config or MiniSDConfig.small()
     out = Path(out)
-    work = work_folder(out)
-    if (out / "model_index.json").exists() and not overwrite:
-        raise FileExistsError(f"{out} already holds a pipeline. Pass --overwrite to replace it, or choose another --out.")
-    if work.exists() and not (resume or overwrite):
-        raise FileExistsError(f"{work} holds an unfinished run. Pass --resume to continue it, or --overwrite to start again.")
-    if overwrite and work.exists() and not resume:
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
+    work = prepare_work_folder(out, "model_index.json", "a pipeline", resume, overwrite)
     (work / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
 
     seconds = {}
