@@ -72,3 +72,31 @@ def test_unfinished_run_needs_resume(tmp_path, vae_folder, capsys):
     assert "--resume" in capsys.readouterr().err
     assert main(["--out", str(out), "--smoke", "--vae", str(vae_folder), "--no-progress", "--resume"]) == 0
     assert (out / "model_index.json").is_file()
+
+
+def test_recipe_can_use_a_trained_text_encoder(tmp_path, vae_folder, capsys):
+    """--text-encoder takes lesson 08's folder layout (text_encoder/ inside) and uses it frozen, unchanged."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    import sdlearn
+
+    source = tmp_path / "clip"
+    torch.manual_seed(1)
+    encoder = CLIPTextModel(CLIPTextConfig(vocab_size=596, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                           num_attention_heads=4, max_position_embeddings=77, bos_token_id=594,
+                                           eos_token_id=595, pad_token_id=595))
+    encoder.save_pretrained(source / "text_encoder")
+    out = tmp_path / "mini-sd"
+    assert main(["--out", str(out), "--smoke", "--vae", str(vae_folder), "--no-progress", "--text-encoder", str(source)]) == 0
+    assert "using the text encoder in" in capsys.readouterr().out
+    shipped = CLIPTextModel.from_pretrained(out / "text_encoder").state_dict()
+    assert shipped.keys() == encoder.state_dict().keys()
+    assert all(torch.equal(shipped[k], v) for k, v in encoder.state_dict().items())
+    assert sdlearn.load_pipeline(out).text_encoder is not None
+
+    wrong = tmp_path / "nothing-here"
+    wrong.mkdir()
+    assert main(["--out", str(tmp_path / "other"), "--smoke", "--vae", str(vae_folder), "--no-progress",
+                 "--text-encoder", str(wrong)]) == 2
+    assert "holds no CLIPTextModel" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists() and not work_folder(tmp_path / "other").exists()  # nothing written

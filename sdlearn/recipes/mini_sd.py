@@ -186,8 +186,30 @@ def stage_vae(work: Path, vae_source: Path | None, config: MiniSDConfig) -> Auto
 # ------------------------------------------------------------------------------------------
 
 
-def stage_text_encoder(work: Path, tokenizer: CLIPTokenizer, config: MiniSDConfig, resume: bool, progress: bool) -> CLIPTextModel:
-    """TinyCLIP's text tower, trained contrastively (or loaded when a previous run finished it), frozen."""
+def text_encoder_folder(source: Path) -> Path:
+    """The CLIPTextModel folder in `source` (itself, or its text_encoder/); a clear error if there is none."""
+    source = Path(source)
+    folder = source / "text_encoder" if (source / "text_encoder" / "config.json").is_file() else source
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"--text-encoder {source} holds no CLIPTextModel (config.json, or text_encoder/config.json).")
+    return folder
+
+
+def stage_text_encoder(work: Path, tokenizer: CLIPTokenizer, config: MiniSDConfig, resume: bool, progress: bool,
+                       source: Path | None = None) -> CLIPTextModel:
+    """TinyCLIP's text tower, trained contrastively (or loaded when a previous run finished it), frozen.
+
+    source: a trained one to use instead (a CLIPTextModel folder, or a folder holding text_encoder/,
+    such as lesson 08's data/clip-shapes); it must use the shapes tokenizer's vocabulary.
+    """
+    if source is not None:
+        folder = text_encoder_folder(source)
+        text_encoder = CLIPTextModel.from_pretrained(folder).eval().requires_grad_(False)
+        if text_encoder.config.vocab_size != len(tokenizer):
+            raise ValueError(f"The text encoder in {folder} has a vocabulary of {text_encoder.config.vocab_size} tokens; "
+                             f"the shapes tokenizer has {len(tokenizer)}. Use one trained with that tokenizer.")
+        print(f"stage 2: using the text encoder in {folder}")
+        return text_encoder
     folder = work / "clip"
     if not (folder / "tiny_clip.safetensors").is_file():
         checkpoint = work / "clip.ckpt"
@@ -322,10 +344,12 @@ def choose_guidance(pipe: StableDiffusion, scales, n: int, steps: int = 25) -> d
 
 
 def train_mini_sd(out, config: MiniSDConfig | None = None, resume: bool = False, overwrite: bool = False,
-                  vae=None, progress: bool = True, keep_work: bool = False) -> StableDiffusion:
+                  vae=None, progress: bool = True, keep_work: bool = False, text_encoder=None) -> StableDiffusion:
     """Run the three stages and save the pipeline to `out`; returns the StableDiffusion."""
     config = config or MiniSDConfig.small()
     out = Path(out)
+    if text_encoder is not None:
+        text_encoder_folder(text_encoder)  # a wrong folder fails before anything is written
     work = prepare_work_folder(out, "model_index.json", "a pipeline", resume, overwrite)
     (work / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
 
@@ -336,7 +360,8 @@ def train_mini_sd(out, config: MiniSDConfig | None = None, resume: bool = False,
 
     began = time.perf_counter()
     tokenizer = CLIPTokenizer.from_pretrained(data_dir() / "tokenizers" / "shapes")
-    text_encoder = stage_text_encoder(work, tokenizer, config, resume, progress)
+    text_encoder = stage_text_encoder(work, tokenizer, config, resume, progress,
+                                      Path(text_encoder) if text_encoder is not None else None)
     seconds["stage 2: text encoder"] = time.perf_counter() - began
 
     began = time.perf_counter()
@@ -370,12 +395,15 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="the pipeline folder to write, e.g. data/mini-sd")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run (from <out>-work/)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing pipeline in --out")
-    parser.add_argument("--steps", type=int, default=None, help="UNet training steps (default 2000)")
-    parser.add_argument("--clip-steps", type=int, default=None, help="text encoder training steps (default 600)")
+    defaults = MiniSDConfig.small()
+    parser.add_argument("--steps", type=int, default=None, help=f"UNet training steps (default {defaults.steps})")
+    parser.add_argument("--clip-steps", type=int, default=None, help=f"text encoder training steps (default {defaults.clip_steps})")
     parser.add_argument("--vae-steps", type=int, default=None, help="autoencoder steps, if one must be trained")
-    parser.add_argument("--batch-size", type=int, default=None, help="UNet batch size (default 48)")
+    parser.add_argument("--batch-size", type=int, default=None, help=f"UNet batch size (default {defaults.batch_size})")
     parser.add_argument("--lr", type=float, default=None, help="UNet peak learning rate")
     parser.add_argument("--vae", default=None, help="use this diffusers AutoencoderKL folder (default: data/tiny-vae)")
+    parser.add_argument("--text-encoder", default=None,
+                        help="use this trained text encoder instead of training one (e.g. data/clip-shapes, lesson 08's)")
     parser.add_argument("--smoke", action="store_true", help="a seconds-long run with tiny settings (for tests)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
     parser.add_argument("--keep-work", action="store_true", help="keep <out>-work/ (checkpoints, sample grids) afterwards")
@@ -390,8 +418,8 @@ def main(argv=None) -> int:
         config.sample_every = config.steps
     try:
         pipe = train_mini_sd(args.out, config, resume=args.resume, overwrite=args.overwrite, vae=args.vae,
-                             progress=not args.no_progress, keep_work=args.keep_work)
-    except FileExistsError as error:
+                             progress=not args.no_progress, keep_work=args.keep_work, text_encoder=args.text_encoder)
+    except (FileExistsError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     record = json.loads((Path(args.out) / "training.json").read_text())
