@@ -43,7 +43,7 @@ train-ddpm: $(STAMP)
 	$(PY) -m sdlearn.evaluate --threads 1 ddpm --samples 200 --json data/ddpm-shapes/evaluation.json
 
 train-mini-sd: $(STAMP)
-	$(PY) -m sdlearn.recipes.mini_sd --out data/mini-sd $(if $(OVERWRITE),--overwrite)
+	$(PY) -m sdlearn.recipes.mini_sd --out data/mini-sd --text-encoder data/clip-shapes --steps 4600 $(if $(OVERWRITE),--overwrite)
 	$(PY) -m sdlearn.evaluate text-to-image --samplers ddim euler dpmpp_2m --json data/mini-sd/evaluation.json
 
 train-classifier: $(STAMP)
