@@ -44,7 +44,7 @@ import torch
 from sdlearn.datasets import Shapes
 from sdlearn.ddpm import (BETA_RANGES, IMAGE_SIZE, MIN_SNR_GAMMA, PREDICTION_TYPES, DiffusionLoss, sample, schedule,
                          schedule_config, training_batch, unet_config)
-from sdlearn.recipes import prepare_work_folder, work_folder
+from sdlearn.recipes import prepare_work_folder, work_folder  # noqa: F401 (work_folder: callers ask the recipe)
 from sdlearn.train import EMALoss, EMATrainee, train
 from sdlearn.unet import UNet
 
@@ -65,7 +65,6 @@ class NoisyShapes:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         x0 = self.images[torch.randint(len(self.images), (self.batch_size,), generator=g)]
         return training_batch(x0, self.T, generator=g, offset_noise=self.offset_noise)
-
 
 
 def train_ddpm(out, steps: int = STEPS, batch_size: int = 32, lr: float = 2e-3, ema_decay: float = 0.999,

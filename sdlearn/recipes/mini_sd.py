@@ -67,7 +67,7 @@ from sdlearn.pipeline import StableDiffusion
 from sdlearn.plotting import image_grid
 from sdlearn.schedules import NoiseSchedule
 from sdlearn.ddpm import DiffusionLoss
-from sdlearn.recipes import prepare_work_folder, work_folder
+from sdlearn.recipes import prepare_work_folder, work_folder  # noqa: F401 (work_folder: callers ask the recipe)
 from sdlearn.train import EMALoss, EMATrainee, train
 from sdlearn.unet import UNet, UNetConfig
 from sdlearn.vae import AutoencoderKL
@@ -347,7 +347,6 @@ def choose_guidance(pipe: StableDiffusion, scales, n: int, steps: int = 25) -> d
 
     prompts, requested = prompt_set(n, "train", seed=EVAL_PROMPT_SEED + 7)
     return {float(s): faithfulness(generate(pipe, prompts, "ddim", steps, s), requested)["all"]["accuracy"] for s in scales}
-
 
 
 def train_mini_sd(out, config: MiniSDConfig | None = None, resume: bool = False, overwrite: bool = False,
