@@ -193,12 +193,20 @@ def stage_vae(work: Path, vae_source: Path | None, config: MiniSDConfig) -> Auto
 # ------------------------------------------------------------------------------------------
 
 
-def text_encoder_folder(source: Path) -> Path:
-    """The CLIPTextModel folder in `source` (itself, or its text_encoder/); a clear error if there is none."""
+def text_encoder_folder(source: Path, tokenizer: CLIPTokenizer) -> Path:
+    """The CLIPTextModel folder in `source` (itself, or its text_encoder/), checked against the tokenizer.
+
+    Raises a clear error (before the recipe writes anything) if there is none or its
+    vocabulary is not the tokenizer's.
+    """
     source = Path(source)
     folder = source / "text_encoder" if (source / "text_encoder" / "config.json").is_file() else source
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"--text-encoder {source} holds no CLIPTextModel (config.json, or text_encoder/config.json).")
+    vocab_size = json.loads((folder / "config.json").read_text()).get("vocab_size")
+    if vocab_size != len(tokenizer):
+        raise ValueError(f"The text encoder in {folder} has a vocabulary of {vocab_size} tokens; the shapes tokenizer "
+                         f"has {len(tokenizer)}. Use one trained with that tokenizer (e.g. data/clip-shapes).")
     return folder
 
 
@@ -210,13 +218,9 @@ def stage_text_encoder(work: Path, tokenizer: CLIPTokenizer, config: MiniSDConfi
     such as lesson 08's data/clip-shapes); it must use the shapes tokenizer's vocabulary.
     """
     if source is not None:
-        folder = text_encoder_folder(source)
-        text_encoder = CLIPTextModel.from_pretrained(folder).eval().requires_grad_(False)
-        if text_encoder.config.vocab_size != len(tokenizer):
-            raise ValueError(f"The text encoder in {folder} has a vocabulary of {text_encoder.config.vocab_size} tokens; "
-                             f"the shapes tokenizer has {len(tokenizer)}. Use one trained with that tokenizer.")
+        folder = text_encoder_folder(source, tokenizer)
         print(f"stage 2: using the text encoder in {folder}")
-        return text_encoder
+        return CLIPTextModel.from_pretrained(folder).eval().requires_grad_(False)
     folder = work / "clip"
     if not (folder / "tiny_clip.safetensors").is_file():
         checkpoint = work / "clip.ckpt"
@@ -350,12 +354,17 @@ def choose_guidance(pipe: StableDiffusion, scales, n: int, steps: int = 25) -> d
 
 
 def train_mini_sd(out, config: MiniSDConfig | None = None, resume: bool = False, overwrite: bool = False,
-                  vae=None, progress: bool = True, keep_work: bool = False, text_encoder=None) -> StableDiffusion:
-    """Run the three stages and save the pipeline to `out`; returns the StableDiffusion."""
+                  vae=None, progress: bool = True, keep_work: bool = False, text_encoder_source=None) -> StableDiffusion:
+    """Run the three stages and save the pipeline to `out`; returns the StableDiffusion.
+
+    text_encoder_source: a trained text encoder folder to use instead of stage 2's training.
+    """
     config = config or MiniSDConfig.small()
     out = Path(out)
-    if text_encoder is not None:
-        text_encoder_folder(text_encoder)  # a wrong folder fails before anything is written
+    tokenizer = CLIPTokenizer.from_pretrained(data_dir() / "tokenizers" / "shapes")
+    source = Path(text_encoder_source) if text_encoder_source is not None else None
+    if source is not None:
+        text_encoder_folder(source, tokenizer)  # a wrong folder fails before anything is written
     work = prepare_work_folder(out, "model_index.json", "a pipeline", resume, overwrite)
     (work / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
 
@@ -365,9 +374,7 @@ def train_mini_sd(out, config: MiniSDConfig | None = None, resume: bool = False,
     seconds["stage 1: autoencoder"] = time.perf_counter() - began
 
     began = time.perf_counter()
-    tokenizer = CLIPTokenizer.from_pretrained(data_dir() / "tokenizers" / "shapes")
-    text_encoder = stage_text_encoder(work, tokenizer, config, resume, progress,
-                                      Path(text_encoder) if text_encoder is not None else None)
+    text_encoder = stage_text_encoder(work, tokenizer, config, resume, progress, source)
     seconds["stage 2: text encoder"] = time.perf_counter() - began
 
     began = time.perf_counter()
@@ -424,8 +431,9 @@ def main(argv=None) -> int:
         config.sample_every = config.steps
     try:
         pipe = train_mini_sd(args.out, config, resume=args.resume, overwrite=args.overwrite, vae=args.vae,
-                             progress=not args.no_progress, keep_work=args.keep_work, text_encoder=args.text_encoder)
-    except (FileExistsError, FileNotFoundError) as error:
+                             progress=not args.no_progress, keep_work=args.keep_work,
+                             text_encoder_source=args.text_encoder)
+    except (FileExistsError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     record = json.loads((Path(args.out) / "training.json").read_text())
