@@ -88,7 +88,8 @@ IMAGE_SIZE = 32
 DEFAULT_FOLDER = "ddpm-shapes"  # under data/
 MAKE_TARGET = "train-ddpm"
 # The two beta schedules the recipe offers: (beta_start, beta_end), T = 1000.
-BETA_RANGES = {"linear": (0.0001, 0.02), "scaled_linear": (0.00085, 0.012)}
+BETA_RANGES = {"linear": (0.0001, 0.02), "scaled_linear": (0.00085, 0.012),
+               "squaredcos_cap_v2": (0.0001, 0.02)}  # cosine: the range is unused, diffusers' configs carry it anyway
 PREDICTION_TYPES = ("epsilon", "v_prediction")  # what the network is trained to output
 MIN_SNR_GAMMA = 5.0  # the shipped model's loss weights (see the module docstring)
 

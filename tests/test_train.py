@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from sdlearn.train import History, train
+from sdlearn.train import History, native_bf16, resolve_precision, train
 
 
 def regression_data(step):
@@ -96,3 +96,16 @@ def test_history_plot_and_smoothing():
     h = History(losses=[4.0, 2.0, 0.0])
     assert h.smoothed(window=2) == [4.0, 3.0, 1.0]
     assert h.plot() is not None
+
+
+def test_auto_precision_uses_bf16_only_where_it_is_native(monkeypatch):
+    assert resolve_precision("auto") == ("bf16" if native_bf16() else "fp32")
+    assert resolve_precision("fp32") == "fp32"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("fp16")
+    monkeypatch.setattr("sdlearn.train.native_bf16", lambda device_type="cpu": False)
+    assert resolve_precision("auto") == "fp32"
+    with pytest.warns(UserWarning, match="without native bfloat16"):
+        assert resolve_precision("bf16") == "bf16"
+    monkeypatch.setattr("sdlearn.train.native_bf16", lambda device_type="cpu": True)
+    assert resolve_precision("auto") == "bf16"

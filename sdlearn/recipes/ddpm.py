@@ -45,7 +45,7 @@ from sdlearn.datasets import Shapes
 from sdlearn.ddpm import (BETA_RANGES, IMAGE_SIZE, MIN_SNR_GAMMA, PREDICTION_TYPES, DiffusionLoss, sample, schedule,
                          schedule_config, training_batch, unet_config)
 from sdlearn.recipes import prepare_work_folder, work_folder  # noqa: F401 (work_folder: callers ask the recipe)
-from sdlearn.train import EMALoss, EMATrainee, train
+from sdlearn.train import PRECISIONS, EMALoss, EMATrainee, resolve_precision, train
 from sdlearn.unet import UNet
 
 
@@ -77,6 +77,7 @@ def train_ddpm(out, steps: int = STEPS, batch_size: int = 32, lr: float = 2e-3, 
     out = Path(out)
     work = prepare_work_folder(out, "unet/config.json", "a DDPM", resume, overwrite)
 
+    precision = resolve_precision(precision)  # "auto": bf16 where the CPU has it natively, else fp32
     wall, cpu = time.perf_counter(), time.process_time()
     images = Shapes(train_images, seed=0, size=IMAGE_SIZE, split="train").tensors()  # (N, 3, 32, 32)
     torch.manual_seed(seed)
@@ -144,7 +145,9 @@ def main(argv=None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run (from <out>-work/)")
     parser.add_argument("--overwrite", action="store_true", help="replace a DDPM already in --out")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; 1 is fastest on a busy machine)")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: mixed precision (faster on CPUs with bf16 support)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="bf16: mixed precision (faster only on CPUs with native bf16: AVX-512 BF16 or AMX); "
+                             "auto: bf16 where native, else fp32")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--keep-work", action="store_true", help="keep <out>-work/ (the last training checkpoint) afterwards")
     args = parser.parse_args(argv)
