@@ -87,7 +87,7 @@ from sdlearn.unet import UNet, UNetConfig
 IMAGE_SIZE = 32
 DEFAULT_FOLDER = "ddpm-shapes"  # under data/
 MAKE_TARGET = "train-ddpm"
-# The two beta schedules the recipe offers: (beta_start, beta_end), T = 1000.
+# The beta schedules the recipe offers: (beta_start, beta_end), T = 1000.
 BETA_RANGES = {"linear": (0.0001, 0.02), "scaled_linear": (0.00085, 0.012),
                "squaredcos_cap_v2": (0.0001, 0.02)}  # cosine: the range is unused, diffusers' configs carry it anyway
 PREDICTION_TYPES = ("epsilon", "v_prediction")  # what the network is trained to output

@@ -149,7 +149,7 @@ def _lr_factor(schedule: str | None, step: int, steps: int, warmup: int) -> floa
 
 # "bf16": the forward pass in bfloat16 where it is safe (torch.autocast), weights, optimizer and
 # gradients in float32 (mixed precision). About 1.4x faster on CPUs with AVX-512 BF16 or AMX, but
-# on CPUs without them (AVX2 only) bfloat16 is emulated and a step is 10-20x SLOWER (measured on a
+# on CPUs without them (AVX2 only) bfloat16 is emulated and a step is about 14x SLOWER (measured on a
 # 2-core AVX2 machine: 6.5 s against 0.47 s per DDPM step). "auto" picks bf16 only where it is native.
 PRECISIONS = ("fp32", "bf16", "auto")
 
