@@ -37,7 +37,7 @@ train-clip: $(STAMP)
 train-tiny-vae: $(STAMP)
 	$(PY) -m sdlearn.recipes.tiny_vae --out data/tiny-vae --threads 1 $(if $(OVERWRITE),--overwrite)
 
-# --precision auto: bf16 mixed precision on CPUs with native bf16 (1.5x faster there), fp32 on others (where bf16 is 10x slower).
+# --precision auto: bf16 mixed precision on CPUs with native bf16 (1.5x faster there), fp32 on others (where bf16 measured 14x slower).
 train-ddpm: $(STAMP)
 	$(PY) -m sdlearn.recipes.ddpm --out data/ddpm-shapes --threads 1 --precision auto $(if $(OVERWRITE),--overwrite)
 	$(PY) -m sdlearn.evaluate --threads 1 ddpm --samples 200 --json data/ddpm-shapes/evaluation.json

@@ -16,7 +16,7 @@ made two at a time with --threads 1 on an AVX2-only 2-core CPU; everything else 
 defaults): batch 32 for 1,400 steps 6.5%; the same with the cosine schedule and no offset
 noise 7.5%; with --lr 5e-3 10.5%; batch 16 for 2,800 steps (the same images seen) 33%;
 batch 16 for 3,500 steps 50.5%; batch 8 for 6,000 steps 49.5%; the shipped batch 32 for
-3,400 steps 60%. Small batches learn faster per image early on, but not past about 3,000
+3,400 steps (bf16, trained on a CPU with native bf16) 60%. Small batches learn faster per image early on, but not past about 3,000
 steps; the rate is still climbing steeply where the 15-minute budget ends.
 Data: 10,000 images of the train split of the shapes dataset (seed 0), at 32 px; the
 held-out (colour, shape) pairs stay unseen, as for every generator of the course.
