@@ -32,7 +32,7 @@ per-level head counts attention_head_dim = (5, 10, 20, 20): 320/5 = 640/10 = 128
 
 Config field names are diffusers' UNet2DConditionModel config.json keys and the defaults
 are diffusers' defaults, so a config.json that omits a key means the same thing to both.
-Keys that select features this UNet does not implement (class embeddings, added
+Keys that select features this UNet does not implement (concatenated class embeddings, added
 embeddings, other block types, ...) are accepted only with their default value; anything
 else raises a CheckpointError naming the key.
 """
@@ -55,9 +55,7 @@ _FEATURES_OFF = {
     "only_cross_attention": (False,),
     "dual_cross_attention": (False,),
     "num_attention_heads": (None,),
-    "class_embed_type": (None,),
     "class_embeddings_concat": (False,),
-    "projection_class_embeddings_input_dim": (None,),
     "addition_embed_type": (None,),
     "addition_time_embed_dim": (None,),
     "encoder_hid_dim": (None,),
@@ -83,6 +81,7 @@ _IRRELEVANT = {
 }
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
+CLASS_EMBED_TYPES = (None, "projection")  # None: ids through nn.Embedding (num_class_embeds); "projection": vectors
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 
 
@@ -114,6 +113,10 @@ class UNetConfig(ModelConfig):
     use_linear_projection: bool = False  # proj_in/out: 1x1 conv (SD 1.x) or linear (SD 2.x)
     upcast_attention: bool = False  # attention scores in float32 (SD 2.1 768-v)
     num_class_embeds: int | None = None  # class-conditional models: a learned vector per class, added to emb
+    # "projection": the condition is a vector (B, projection_class_embeddings_input_dim), e.g. a multi-hot of
+    # attributes, mapped by a TimestepEmbedding-shaped MLP and added to emb (diffusers' class_embed_type).
+    class_embed_type: str | None = None
+    projection_class_embeddings_input_dim: int | None = None
 
     def __post_init__(self):
         n = len(self.block_out_channels)
@@ -138,6 +141,19 @@ class UNetConfig(ModelConfig):
             )
         if self.num_class_embeds is not None and self.num_class_embeds < 1:
             raise ValueError(f"num_class_embeds must be a positive number of classes or None, got {self.num_class_embeds}.")
+        if self.class_embed_type not in CLASS_EMBED_TYPES:
+            raise CheckpointError(
+                f"class_embed_type={self.class_embed_type!r} is not implemented; sdlearn's UNet implements {list(CLASS_EMBED_TYPES)}."
+            )
+        if self.class_embed_type == "projection":
+            dim = self.projection_class_embeddings_input_dim
+            if not isinstance(dim, int) or dim < 1:
+                raise ValueError(
+                    f"class_embed_type='projection' needs projection_class_embeddings_input_dim, the length of the "
+                    f"condition vector (a positive int), got {dim!r}."
+                )
+            if self.num_class_embeds is not None:
+                raise ValueError("Give either num_class_embeds (class ids) or class_embed_type='projection' (vectors), not both.")
         if self.upcast_attention is None:  # SD 1.5's config.json writes null for "off"
             self.upcast_attention = False
         for name in ("layers_per_block", "transformer_layers_per_block", "attention_head_dim"):
@@ -383,8 +399,15 @@ class UNet(Pretrained, nn.Module):
         self.conv_in = nn.Conv2d(c.in_channels, channels[0], kernel_size=3, padding=1)
         self.time_proj = SinusoidalEmbedding(channels[0], c.flip_sin_to_cos, c.freq_shift)
         self.time_embedding = TimestepEmbedding(channels[0], time_embed_dim)
-        # Class conditioning (diffusers' num_class_embeds with class_embed_type=None): emb += E[label]
-        self.class_embedding = nn.Embedding(c.num_class_embeds, time_embed_dim) if c.num_class_embeds else None
+        # Class conditioning, added to the timestep embedding so that every ResNet block sees it:
+        # class ids (diffusers' num_class_embeds):                emb += E[label]
+        # condition vectors (class_embed_type="projection"):    emb += linear_2(SiLU(linear_1(y)))
+        if c.class_embed_type == "projection":
+            self.class_embedding = TimestepEmbedding(c.projection_class_embeddings_input_dim, time_embed_dim)
+        elif c.num_class_embeds:
+            self.class_embedding = nn.Embedding(c.num_class_embeds, time_embed_dim)
+        else:
+            self.class_embedding = None
 
         self.down_blocks = nn.ModuleList()
         for i, block_type in enumerate(c.down_block_types):
@@ -463,10 +486,19 @@ class UNet(Pretrained, nn.Module):
     # forward -----------------------------------------------------------------------------
 
     def _class_embedding(self, class_labels, x: torch.Tensor) -> torch.Tensor:
-        """E[class_labels] (B, 4 * C_0) for a class-conditional model, after checking the labels."""
-        n = self.config.num_class_embeds
+        """The condition's embedding (B, 4 * C_0) for a class-conditional model, after checking the labels."""
+        c = self.config
         if self.class_embedding is None:
             raise ValueError("class_labels were given, but this UNet has no class embedding (num_class_embeds=None).")
+        if c.class_embed_type == "projection":
+            dim = c.projection_class_embeddings_input_dim
+            if class_labels is None:
+                raise ValueError(f"This UNet is conditional (class_embed_type='projection'): pass class_labels, a ({x.shape[0]}, {dim}) float tensor.")
+            y = torch.as_tensor(class_labels, device=x.device)
+            if y.shape != (x.shape[0], dim) or not y.is_floating_point():
+                raise ValueError(f"class_labels must be a float tensor of shape ({x.shape[0]}, {dim}), got {y.dtype} {tuple(y.shape)}.")
+            return self.class_embedding(y.to(x.dtype)).to(x.dtype)
+        n = c.num_class_embeds
         if class_labels is None:
             raise ValueError(f"This UNet is class-conditional (num_class_embeds={n}): pass class_labels, a (B,) LongTensor.")
         labels = torch.as_tensor(class_labels, device=x.device)

@@ -410,6 +410,30 @@ def test_class_conditional_unet_equals_diffusers(tmp_path):
         pair(UNetConfig.tiny())[0](x, 10, context, class_labels=labels)
 
 
+def test_projection_conditional_unet_equals_diffusers(tmp_path):
+    """class_embed_type="projection": a condition vector through an MLP, added to the timestep embedding."""
+    config = UNetConfig.tiny(class_embed_type="projection", projection_class_embeddings_input_dim=6)
+    ours, theirs = pair(config)
+    x, context = inputs(ours.config)
+    y = torch.tensor([[1.0, 0, 0, 1, 0, 0], [0, 0, 0, 0, 0, 0]])  # a multi-hot and the empty (unconditional) vector
+    with torch.no_grad():
+        out = ours(x, 10, context, class_labels=y)
+        assert (out - theirs(x, 10, context, class_labels=y).sample).abs().max().item() <= TOL
+        assert not torch.allclose(out, ours(x, 10, context, class_labels=y.flip(0)))
+    ours.save_pretrained(tmp_path / "unet")
+    reloaded = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
+    assert reloaded.config.class_embed_type == "projection" and reloaded.config.projection_class_embeddings_input_dim == 6
+    assert UNet.from_pretrained(tmp_path / "unet").config == config
+    with pytest.raises(ValueError, match=r"pass class_labels, a \(2, 6\) float"):
+        ours(x, 10, context)
+    with pytest.raises(ValueError, match=r"shape \(2, 6\)"):
+        ours(x, 10, context, class_labels=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="projection_class_embeddings_input_dim"):
+        UNetConfig.tiny(class_embed_type="projection")
+    with pytest.raises(CheckpointError, match="class_embed_type"):
+        UNetConfig.tiny(class_embed_type="timestep")
+
+
 def test_bench_unet_reports_median_and_fastest_calls(capsys):
     """`python -m sdlearn.bench unet` at tiny size: both ratios printed, every call timed, same outputs."""
     from sdlearn.bench import main, time_interleaved
