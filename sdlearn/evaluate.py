@@ -60,6 +60,9 @@ Command line:
     python -m sdlearn.evaluate classifier            accuracy per head on fresh renders (64 and 32 px)
     python -m sdlearn.evaluate ddpm [--model data/ddpm-shapes] [--samples 200]
                                                      clean-shape rate per sampler at 10/25/50 steps
+                                                     (a conditional model is asked for the colour,
+                                                     shape and size of attribute_set(); the JSON
+                                                     adds its unconditional DDIM-50 rate)
 
 References: the evaluator plays the role that the Inception network plays in FID
 (Heusel et al. 2017) and the object detector in GenEval (Ghosh et al. 2023), for a
@@ -458,29 +461,57 @@ def render_accuracy(n: int = 500, seed: int = EVAL_SEED, size: int = 64, classif
     return {name: (predictions.labels[name] == labels[name]).float().mean().item() for name in HEADS}
 
 
-def ddpm_clean_rates(model=None, samplers=None, steps=(10, 25, 50), n: int = 200, seed: int = 0, classifier=None, progress: bool = True) -> dict:
-    """{(sampler, steps): (clean rate, seconds per image)} for the pixel-space DDPM in `model`."""
-    from sdlearn.ddpm import SAMPLER_NAMES, load_ddpm, sample  # imported here: it needs the UNet
+def ddpm_clean_rates(model=None, samplers=None, steps=(10, 25, 50), n: int = 200, seed: int = 0, classifier=None,
+                     progress: bool = True, guidance_scale: float | None = None, unconditional: bool = False) -> dict:
+    """{(sampler, steps): {"clean_rate", "asked_rate", "seconds_per_image"}} for the pixel-space DDPM in `model`.
 
-    unet, schedule_config = load_ddpm(model)
+    An attribute-conditional model (the shipped one) is asked for the colour, shape and size
+    of `attribute_set(n)`, with `guidance_scale` (default: the one its training.json
+    recommends); asked_rate is the fraction of images that are clean AND show all three asked
+    attributes. For an unconditional model, or with unconditional=True (a conditional model
+    asked for nothing), asked_rate is None.
+    """
+    from sdlearn.ddpm import DEFAULT_FOLDER, MAKE_TARGET, SAMPLER_NAMES, is_conditional, load_ddpm, recommended_guidance, sample
+
+    folder = data_path(DEFAULT_FOLDER, MAKE_TARGET) if model is None else Path(model)
+    unet, schedule_config = load_ddpm(folder)
+    conditional = is_conditional(unet) and not unconditional
+    asked = attribute_set(n) if conditional else None
+    if guidance_scale is None:
+        guidance_scale = recommended_guidance(folder) if conditional else 1.0
     samplers = SAMPLER_NAMES if samplers is None else samplers
     results = {}
     for name in samplers:
         for k in steps:
             began = time.perf_counter()
-            images = sample(unet, name, n, seed=seed, steps=k, schedule_config=schedule_config, progress=progress)
+            images = sample(unet, name, n, seed=seed, steps=k, schedule_config=schedule_config, progress=progress,
+                            attributes=asked, guidance_scale=guidance_scale)
             seconds = (time.perf_counter() - began) / n
-            results[(name, k)] = (is_clean_shape(images, classifier).float().mean().item(), seconds)
+            scores = clean_shape_scores(images, classifier)
+            asked_rate = None
+            if conditional:
+                right = [all(read[h] == want[h] for h in want) for read, want in zip(scores.predictions.names(), asked)]
+                asked_rate = (scores.clean & torch.tensor(right)).float().mean().item()
+            results[(name, k)] = {"clean_rate": scores.rate, "asked_rate": asked_rate, "seconds_per_image": seconds}
     return results
 
 
-def format_clean_rates(results: Mapping, n: int) -> str:
+def format_clean_rates(results: Mapping, n: int, guidance_scale: float | None = None) -> str:
     samplers = list(dict.fromkeys(name for name, _ in results))
     steps = sorted({k for _, k in results})
-    lines = [f"clean-shape rate over {n} samples (seconds per image in brackets)"]
-    lines.append(f"{'sampler':<10}" + "".join(f"{f'{k} steps':>18}" for k in steps))
+    asked = any(row["asked_rate"] is not None for row in results.values())
+    title = f"clean-shape rate over {n} samples (seconds per image in brackets)"
+    if asked:
+        title = (f"clean-shape rate over {n} samples asked for a colour, shape and size (guidance {guidance_scale:g}); "
+                 "after the slash: clean AND all three as asked; seconds per image in brackets")
+    lines = [title, f"{'sampler':<10}" + "".join(f"{f'{k} steps':>26}" for k in steps)]
     for name in samplers:
-        cells = "".join(f"{f'{100 * results[name, k][0]:.1f}% ({results[name, k][1]:.3f} s)':>18}" for k in steps)
+        cells = ""
+        for k in steps:
+            row = results[name, k]
+            rate = f"{100 * row['clean_rate']:.1f}%" + (f" / {100 * row['asked_rate']:.1f}%" if asked else "")
+            cell = f"{rate} ({row['seconds_per_image']:.3f} s)"
+            cells += f"{cell:>26}"
         lines.append(f"{name:<10}{cells}")
     return "\n".join(lines)
 
@@ -497,6 +528,12 @@ def prompt_set(n: int = 200, split: str = "train", seed: int = EVAL_PROMPT_SEED)
     """
     dataset = Shapes(n, seed=seed, split=split, captions="full")
     return list(dataset.captions), [dataset.attributes(i) for i in range(n)]
+
+
+def attribute_set(n: int = 200, seed: int = EVAL_PROMPT_SEED) -> list:
+    """What to ask an attribute-conditional DDPM for: colour, shape and size of the scenes of prompt_set(n, "train", seed)."""
+    _, requested = prompt_set(n, "train", seed)
+    return [{head: wanted[head] for head in ("colour", "shape", "size")} for wanted in requested]
 
 
 @torch.no_grad()
@@ -607,6 +644,7 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=200)
     p.add_argument("--steps", type=int, nargs="+", default=[10, 25, 50])
     p.add_argument("--samplers", nargs="+", default=None, help="default: all six")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale of a conditional model (default: its recorded choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the table to this JSON file")
     p = commands.add_parser("text-to-image", help="faithfulness of a text-to-image pipeline (default data/mini-sd) per sampler")
@@ -634,15 +672,23 @@ def main(argv=None) -> int:
             print(f"{size} px, {args.n} fresh renders (seed {args.seed}): {cells}  | clean-shape rate {100 * clean:.1f}%  ({time.perf_counter() - began:.1f} s)")
         return 0
     if args.command == "ddpm":
+        from sdlearn.ddpm import DEFAULT_FOLDER, MAKE_TARGET, recommended_guidance
+
         began = time.perf_counter()
-        results = ddpm_clean_rates(args.model, args.samplers, tuple(args.steps), args.samples, args.seed, classifier)
-        print(format_clean_rates(results, args.samples))
+        model = data_path(DEFAULT_FOLDER, MAKE_TARGET) if args.model is None else Path(args.model)
+        guidance = args.guidance if args.guidance is not None else recommended_guidance(model)
+        results = ddpm_clean_rates(model, args.samplers, tuple(args.steps), args.samples, args.seed, classifier,
+                                   guidance_scale=guidance)
+        print(format_clean_rates(results, args.samples, guidance))
         if args.json is not None:
-            rows = [{"sampler": name, "steps": k, "clean_rate": rate, "seconds_per_image": seconds}
-                    for (name, k), (rate, seconds) in results.items()]
+            rows = [{"sampler": name, "steps": k, **row} for (name, k), row in results.items()]
             command = "python -m sdlearn.evaluate " + " ".join(sys.argv[1:] if argv is None else argv)
             report = {"command": command, "samples": args.samples, "seed": args.seed, "torch_threads": torch.get_num_threads(),
                       "seconds": round(time.perf_counter() - began, 1), "results": rows}
+            if any(row["asked_rate"] is not None for row in rows):
+                report["guidance_scale"] = guidance
+                report["unconditional"] = ddpm_clean_rates(model, ["ddim"], (50,), args.samples, args.seed, classifier,
+                                                           guidance_scale=1.0, unconditional=True)[("ddim", 50)]
             args.json.write_text(json.dumps(report, indent=2) + "\n")
         return 0
     if args.command == "text-to-image":
