@@ -39,8 +39,8 @@ train-tiny-vae: $(STAMP)
 
 # --precision auto: bf16 mixed precision on CPUs with native bf16 (1.5x faster there), fp32 on others (where bf16 measured 14x slower).
 train-ddpm: $(STAMP)
-	$(PY) -m sdlearn.recipes.ddpm --out data/ddpm-shapes --threads 1 --precision auto $(if $(OVERWRITE),--overwrite)
-	$(PY) -m sdlearn.evaluate --threads 1 ddpm --samples 200 --json data/ddpm-shapes/evaluation.json
+	$(PY) -m sdlearn.recipes.ddpm --out data/ddpm-shapes --precision auto $(if $(OVERWRITE),--overwrite)
+	$(PY) -m sdlearn.evaluate ddpm --samples 200 --json data/ddpm-shapes/evaluation.json
 
 train-mini-sd: $(STAMP)
 	$(PY) -m sdlearn.recipes.mini_sd --out data/mini-sd --text-encoder data/clip-shapes --steps 4600 $(if $(OVERWRITE),--overwrite)

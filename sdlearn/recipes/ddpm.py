@@ -5,19 +5,46 @@
 What is trained (sdlearn.ddpm has the equations and the reasons): sdlearn's UNet at toy
 size (sdlearn.ddpm.unet_config(): 3 channels, 32x32, widths 16/32/64), predicting v (SD 2's
 target; --prediction-type epsilon gives DDPM's eq. 14) with Min-SNR-5 loss weights
-(--min-snr-gamma 0: DDPM's unweighted L_simple): t uniform on 0..999, SD's scaled_linear betas
-0.00085..0.012 (--beta-schedule linear gives DDPM's 1e-4..0.02), and offset noise of std 0.1
-(--offset-noise). On the 2-core CPU, eps + L_simple for 3,200 steps drew a clean shape 20% of
-the time; v + Min-SNR-5 for the same time 55-70% (sdlearn.ddpm explains why).
-(--beta-schedule squaredcos_cap_v2 gives Nichol & Dhariwal's cosine schedule.)
+(--min-snr-gamma 0: DDPM's unweighted L_simple), SD's scaled_linear betas 0.00085..0.012
+(--beta-schedule linear gives DDPM's 1e-4..0.02, squaredcos_cap_v2 Nichol & Dhariwal's
+cosine), and offset noise of std 0.1 (--offset-noise).
 
-How the clean-shape rate grows with training (200 DDIM-50 samples each, seed 0, fp32, runs
-made two at a time with --threads 1 on an AVX2-only 2-core CPU; everything else as the
-defaults): batch 32 for 1,400 steps 6.5%; the same with the cosine schedule and no offset
-noise 7.5%; with --lr 5e-3 10.5%; batch 16 for 2,800 steps (the same images seen) 33%;
-batch 16 for 3,500 steps 50.5%; batch 8 for 6,000 steps 49.5%; the shipped batch 32 for
-3,400 steps (bf16, trained on a CPU with native bf16) 60%. Small batches learn faster per image early on, but not past about 3,000
-steps; the rate is still climbing steeply where the 15-minute budget ends.
+Told what to draw (--unconditional turns it off). Each training image comes with its colour,
+shape and size as a condition vector (sdlearn.ddpm.condition_vector), added to the UNet's
+timestep embedding. Each attribute is hidden from the model with probability 0.2
+(--attribute-dropout) and all three with probability 0.1 (--unconditional-prob), so one
+network learns to draw what it is told, any part of it, or anything at all; the last is the
+unconditional model that classifier-free guidance compares against. Position is not told
+(sdlearn.ddpm.condition_vector says why). The end of the run measures the clean-shape rate
+at each of --guidance-scales and records the best as `guidance_scale` in training.json.
+
+Where the timesteps come from (--timesteps). The Min-SNR weight w(t) is under 0.05 for a
+third of SD's 1000 timesteps, so a uniform t spends much of each batch where the loss barely
+counts. "importance" draws t with probability proportional to w(t) and divides the weight
+out again (sdlearn.ddpm.timestep_probabilities): the same objective, every sample counting.
+
+Where it stands against the course's goal, a clean shape in 90% of DDIM-50 samples within 15
+minutes of training on a 2-core CPU (200 samples per figure, sdlearn.evaluate's referee):
+not reached. The record, each figure one training run:
+
+    unconditional, uniform t, 3,400 steps (the previously shipped model)         60%
+    unconditional, importance-sampled t: 3,000 steps 59.5% (uniform: 55.5%); 6,000 steps  78%
+    told colour, shape and size, 6,000 steps (16 min, over budget): unguided 89%,
+        guidance 2 93.5%; the same settings again: guidance 2 84.5%, guidance 3 83.5%
+    the shipped run: 5,200 steps (training.json has its time): see data/ddpm-shapes/README.md
+
+So runs with the same settings differ by several points, and the one run that reached the
+goal took 6,000 steps, 16 minutes on this CPU. Tried and dropped, with the told
+model at guidance 2: widths 32/32/64 (4,000 steps in the same time) 86.5%; two ResNet blocks
+at 32x32 (4,600 steps) 79.5%; small shapes' loss counted three times 83.5%; raising the Min-
+SNR weight of the noisiest timesteps to that of SNR 1 or 0.3 (Salimans & Ho's truncated SNR;
+5,000 steps) 65.5% and 71.5% at their best guidance; clip_sample 61% (sdlearn.ddpm says
+why); torch.compile (four minutes of compiling, then no faster) and channels_last (no
+faster). Where the misses come from: restarting DDIM from real renders noised to t = 599
+gives 93.5% clean, from t = 399 97%, so most are decided in the noisiest third of the steps;
+they are mostly small shapes whose outline differs from a clean render by more than the
+referee allows.
+
 Data: 10,000 images of the train split of the shapes dataset (seed 0), at 32 px; the
 held-out (colour, shape) pairs stay unseen, as for every generator of the course.
 
@@ -36,7 +63,7 @@ what the recipe ships.
 Output (a diffusers-style layout): <out>/unet/ (config.json + safetensors, loads in
 sdlearn.unet.UNet and diffusers' UNet2DConditionModel), <out>/scheduler/scheduler_config.json
 (the schedule, for sdlearn.samplers.sampler_from_config and diffusers' DDPMScheduler),
-<out>/training.json (settings, times, losses, the clean-shape rate measured at the end)
+<out>/training.json (settings, times, losses, the clean-shape rates measured at the end)
 and <out>/samples.png. Checkpoints go to <out>-work/ and are removed after a finished run.
 """
 
@@ -51,51 +78,80 @@ import numpy as np
 import torch
 
 from sdlearn.datasets import Shapes
-from sdlearn.ddpm import (BETA_RANGES, IMAGE_SIZE, MIN_SNR_GAMMA, PREDICTION_TYPES, DiffusionLoss, sample, schedule,
-                         schedule_config, training_batch, unet_config)
+from sdlearn.ddpm import (BETA_RANGES, IMAGE_SIZE, MIN_SNR_GAMMA, PREDICTION_TYPES, DiffusionLoss, condition_vector,
+                         sample, schedule, schedule_config, timestep_probabilities, training_batch, unet_config)
 from sdlearn.recipes import prepare_work_folder, work_folder  # noqa: F401 (work_folder: callers ask the recipe)
 from sdlearn.train import PRECISIONS, EMALoss, EMATrainee, resolve_precision, train
 from sdlearn.unet import UNet
 
-
-STEPS = 3400  # the shipped model's training length: 858 s with --threads 1 --precision bf16 on a 2-core CPU with native bf16 (an AVX2-only 2-core CPU measured 0.32-0.37 s per fp32 step with 2 threads)
+STEPS = 5200  # the shipped model's training length (data/ddpm-shapes/training.json has its time)
+TIMESTEP_SAMPLING = ("importance", "uniform")
+GUIDANCE_SCALES = (1.0, 2.0, 3.0)  # measured at the end of a conditional run; the best is recorded
 
 
 class NoisyShapes:
-    """data(step) -> (x0, t, eps): training images with a random timestep and noise each.
+    """data(step) -> (x0, t, eps) or, conditional, (x0, t, eps, None, condition): a training batch.
 
-    Deterministic in (seed, step), so runs are reproducible and --resume continues exactly.
+    Every image gets a random timestep and noise; a conditional batch also gets each image's
+    condition vector with attributes hidden at random (`attribute_dropout` each,
+    `unconditional_prob` all at once). Deterministic in (seed, step), so runs are
+    reproducible and --resume continues exactly.
     """
 
-    def __init__(self, images: torch.Tensor, batch_size: int, T: int, seed: int = 0, offset_noise: float = 0.0):
+    def __init__(self, images: torch.Tensor, batch_size: int, T: int, seed: int = 0, offset_noise: float = 0.0,
+                 labels: torch.Tensor | None = None, attribute_dropout: float = 0.2, unconditional_prob: float = 0.1,
+                 timestep_probabilities: torch.Tensor | None = None):
         self.images, self.batch_size, self.T, self.seed, self.offset_noise = images, batch_size, T, seed, offset_noise
+        self.labels, self.attribute_dropout, self.unconditional_prob = labels, attribute_dropout, unconditional_prob
+        self.timestep_probabilities = timestep_probabilities
 
     def __call__(self, step: int) -> tuple:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        x0 = self.images[torch.randint(len(self.images), (self.batch_size,), generator=g)]
-        return training_batch(x0, self.T, generator=g, offset_noise=self.offset_noise)
+        index = torch.randint(len(self.images), (self.batch_size,), generator=g)
+        batch = training_batch(self.images[index], self.T, generator=g, offset_noise=self.offset_noise,
+                               timestep_probabilities=self.timestep_probabilities)
+        if self.labels is None:
+            return batch
+        labels = self.labels[index, :3].clone()  # (B, 3) colour, shape, size
+        hidden = torch.rand(labels.shape, generator=g) < self.attribute_dropout
+        hidden |= torch.rand(len(labels), 1, generator=g) < self.unconditional_prob
+        labels[hidden] = -1  # not told
+        return (*batch, None, condition_vector(labels))
 
 
 def train_ddpm(out, steps: int = STEPS, batch_size: int = 32, lr: float = 2e-3, ema_decay: float = 0.999,
                train_images: int = 10_000, seed: int = 0, resume: bool = False, overwrite: bool = False,
-               eval_samples: int = 64, progress: bool = True, command: str = "", beta_schedule: str = "scaled_linear",
+               eval_samples: int = 200, progress: bool = True, command: str = "", beta_schedule: str = "scaled_linear",
                prediction_type: str = "v_prediction", min_snr_gamma: float | None = MIN_SNR_GAMMA,
-               channels: tuple = (16, 32, 64), offset_noise: float = 0.1, keep_work: bool = False,
-               precision: str = "fp32") -> dict:
+               channels: tuple = (16, 32, 64), layers_per_block: int | tuple = 1, offset_noise: float = 0.1, keep_work: bool = False,
+               precision: str = "fp32", conditional: bool = True, attribute_dropout: float = 0.2,
+               unconditional_prob: float = 0.1, timesteps: str = "importance",
+               guidance_scales: tuple = GUIDANCE_SCALES) -> dict:
     """Train, save to `out`, and return the training report (also written to out/training.json)."""
+    if timesteps not in TIMESTEP_SAMPLING:
+        raise ValueError(f"timesteps must be one of {list(TIMESTEP_SAMPLING)}, got {timesteps!r}.")
+    for name, p in (("attribute_dropout", attribute_dropout), ("unconditional_prob", unconditional_prob)):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"{name} must be a probability in [0, 1], got {p}.")
     out = Path(out)
     work = prepare_work_folder(out, "unet/config.json", "a DDPM", resume, overwrite)
 
     precision = resolve_precision(precision)  # "auto": bf16 where the CPU has it natively, else fp32
     wall, cpu = time.perf_counter(), time.process_time()
-    images = Shapes(train_images, seed=0, size=IMAGE_SIZE, split="train").tensors()  # (N, 3, 32, 32)
+    dataset = Shapes(train_images, seed=0, size=IMAGE_SIZE, split="train")
+    images = dataset.tensors()  # (N, 3, 32, 32)
     torch.manual_seed(seed)
     config = schedule_config(beta_schedule, prediction_type)
-    model = EMATrainee(UNet(unet_config(block_out_channels=tuple(channels))), ema_decay)
+    noise_schedule = schedule(config)
+    p_t = timestep_probabilities(noise_schedule, prediction_type, min_snr_gamma) if timesteps == "importance" else None
+    unet_settings = dict(block_out_channels=tuple(channels), layers_per_block=layers_per_block)
+    model = EMATrainee(UNet(unet_config(conditional, **unet_settings)), ema_decay)
     checkpoint = work / "train.ckpt"
-    loss = EMALoss(DiffusionLoss(schedule(config), prediction_type, min_snr_gamma))
+    loss = EMALoss(DiffusionLoss(noise_schedule, prediction_type, min_snr_gamma, timestep_probabilities=p_t))
+    data = NoisyShapes(images, batch_size, config["num_train_timesteps"], seed, offset_noise,
+                       dataset.labels if conditional else None, attribute_dropout, unconditional_prob, p_t)
     history = train(
-        model, loss, NoisyShapes(images, batch_size, config["num_train_timesteps"], seed, offset_noise), steps=steps, lr=lr, lr_schedule="cosine",
+        model, loss, data, steps=steps, lr=lr, lr_schedule="cosine",
         seed=seed, checkpoint=checkpoint, checkpoint_every=max(1, min(250, steps // 4)),
         resume=resume and checkpoint.exists(), progress=progress, desc="ddpm", precision=precision,
     )
@@ -107,12 +163,17 @@ def train_ddpm(out, steps: int = STEPS, batch_size: int = 32, lr: float = 2e-3, 
     (out / "scheduler").mkdir(parents=True, exist_ok=True)
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
+    settings = dict(steps=steps, batch_size=batch_size, lr=lr, lr_schedule="cosine", ema_decay=ema_decay,
+                    train_images=train_images, seed=seed, image_size=IMAGE_SIZE, beta_schedule=beta_schedule,
+                    prediction_type=prediction_type, min_snr_gamma=min_snr_gamma, timesteps=timesteps,
+                    block_out_channels=list(channels), layers_per_block=layers_per_block, offset_noise=offset_noise,
+                    precision=precision,
+                    conditional=conditional)
+    if conditional:
+        settings.update(attribute_dropout=attribute_dropout, unconditional_prob=unconditional_prob)
     report = {
         "command": command,
-        "settings": dict(steps=steps, batch_size=batch_size, lr=lr, lr_schedule="cosine", ema_decay=ema_decay,
-                         train_images=train_images, seed=seed, image_size=IMAGE_SIZE, beta_schedule=beta_schedule,
-                         prediction_type=prediction_type, min_snr_gamma=min_snr_gamma,
-                         block_out_channels=list(channels), offset_noise=offset_noise, precision=precision),
+        "settings": settings,
         "unet_parameters": unet.num_parameters(),
         "loss_first_50": float(np.mean(history.losses[:50])),
         "loss_last_200": float(np.mean(history.losses[-200:])),
@@ -122,18 +183,37 @@ def train_ddpm(out, steps: int = STEPS, batch_size: int = 32, lr: float = 2e-3, 
         "resumed": bool(resume),
     }
     if eval_samples:
-        from sdlearn.evaluate import is_clean_shape
-        from sdlearn.plotting import image_grid
-
-        began = time.perf_counter()
-        x = sample(unet, "ddim", eval_samples, seed=0, steps=50, schedule_config=config)
-        report["clean_rate_ddim_50"] = {"samples": eval_samples, "rate": is_clean_shape(x).float().mean().item(),
-                                        "seconds": round(time.perf_counter() - began, 1)}
-        image_grid(x[:32], ncols=8).save(out / "samples.png")
+        report.update(measure_end_of_run(unet, config, eval_samples, conditional, guidance_scales, out / "samples.png"))
     (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
     if not keep_work:
         shutil.rmtree(work)
     return report
+
+
+def measure_end_of_run(unet: UNet, config: dict, n: int, conditional: bool, guidance_scales, grid_path: Path) -> dict:
+    """Clean-shape rates of n DDIM-50 samples (per guidance scale when conditional); saves a grid of the best."""
+    from sdlearn.evaluate import EVAL_PROMPT_SEED, attribute_set, is_clean_shape
+    from sdlearn.plotting import image_grid
+
+    def measure(**kwargs) -> tuple:
+        began = time.perf_counter()
+        x = sample(unet, "ddim", n, seed=0, steps=50, schedule_config=config, **kwargs)
+        return x, {"samples": n, "rate": is_clean_shape(x).float().mean().item(), "seconds": round(time.perf_counter() - began, 1)}
+
+    if not conditional:
+        x, result = measure()
+        image_grid(x[:32], ncols=8).save(grid_path)
+        return {"clean_rate_ddim_50": result}
+    asked = attribute_set(n, seed=EVAL_PROMPT_SEED + 7)  # other scenes than sdlearn.evaluate's, which judges the choice
+    rates, best = {}, None
+    for scale in guidance_scales:
+        x, rates[f"{scale:g}"] = measure(attributes=asked, guidance_scale=scale)
+        if best is None or rates[f"{scale:g}"]["rate"] > best[0]:
+            best = (rates[f"{scale:g}"]["rate"], scale, x)
+    _, unconditional = measure()
+    image_grid(best[2][:32], ncols=8).save(grid_path)
+    return {"guidance_scale": best[1], "clean_rate_ddim_50": rates[f"{best[1]:g}"],
+            "clean_rate_ddim_50_by_guidance": rates, "clean_rate_ddim_50_unconditional": unconditional}
 
 
 def main(argv=None) -> int:
@@ -148,12 +228,21 @@ def main(argv=None) -> int:
     parser.add_argument("--beta-schedule", choices=sorted(BETA_RANGES), default="scaled_linear")
     parser.add_argument("--prediction-type", choices=PREDICTION_TYPES, default="v_prediction", help="what the UNet learns to output")
     parser.add_argument("--min-snr-gamma", type=float, default=MIN_SNR_GAMMA, help="Min-SNR loss weights (0: unweighted, DDPM's L_simple)")
+    parser.add_argument("--timesteps", choices=TIMESTEP_SAMPLING, default="importance",
+                        help="draw t in proportion to its loss weight (importance) or uniformly")
     parser.add_argument("--offset-noise", type=float, default=0.1, help="std of the per-image, per-channel noise offset (0: plain N(0, I))")
     parser.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64], help="UNet block_out_channels")
-    parser.add_argument("--eval-samples", type=int, default=64, help="DDIM-50 samples scored at the end (0: skip)")
+    parser.add_argument("--layers-per-block", type=int, nargs="+", default=[1],
+                        help="UNet layers_per_block: one number, or one per level")
+    parser.add_argument("--unconditional", action="store_true", help="do not tell the model colour, shape and size")
+    parser.add_argument("--attribute-dropout", type=float, default=0.2, help="probability of hiding each attribute from the model")
+    parser.add_argument("--unconditional-prob", type=float, default=0.1, help="probability of hiding all three at once")
+    parser.add_argument("--guidance-scales", type=float, nargs="+", default=list(GUIDANCE_SCALES),
+                        help="guidance scales measured at the end; the best is recorded (conditional models)")
+    parser.add_argument("--eval-samples", type=int, default=200, help="DDIM-50 samples scored at the end, per guidance scale (0: skip)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run (from <out>-work/)")
     parser.add_argument("--overwrite", action="store_true", help="replace a DDPM already in --out")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; 1 is fastest on a busy machine)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice, one per core)")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="bf16: mixed precision (faster only on CPUs with native bf16: AVX-512 BF16 or AMX); "
                              "auto: bf16 where native, else fp32")
@@ -169,10 +258,14 @@ def main(argv=None) -> int:
             train_images=args.train_images, seed=args.seed, resume=args.resume, overwrite=args.overwrite,
             eval_samples=args.eval_samples, progress=not args.no_progress, command=command,
             beta_schedule=args.beta_schedule, prediction_type=args.prediction_type,
-            min_snr_gamma=args.min_snr_gamma or None, channels=tuple(args.channels), offset_noise=args.offset_noise,
-            keep_work=args.keep_work, precision=args.precision,
+            min_snr_gamma=args.min_snr_gamma or None, channels=tuple(args.channels),
+            layers_per_block=args.layers_per_block[0] if len(args.layers_per_block) == 1 else tuple(args.layers_per_block),
+            offset_noise=args.offset_noise,
+            keep_work=args.keep_work, precision=args.precision, conditional=not args.unconditional,
+            attribute_dropout=args.attribute_dropout, unconditional_prob=args.unconditional_prob,
+            timesteps=args.timesteps, guidance_scales=tuple(args.guidance_scales),
         )
-    except FileExistsError as exc:
+    except (FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(report, indent=2))
