@@ -210,7 +210,7 @@ def attribute_labels(attributes, n: int) -> torch.Tensor:
     """(n, 3) integer labels colour, shape, size (indices into CONDITION_ATTRIBUTES), -1 where nothing is asked.
 
     attributes: None (nothing asked), one mapping for all n images, or a sequence of n
-    mappings; a mapping names some of colour, shape, size by name ("red") or index, and
+    mappings (None for an image asks nothing of it); a mapping names some of colour, shape, size by name ("red") or index, and
     None or a missing key leaves that attribute free. Position cannot be asked for (see
     `condition_vector`); a "position" key is refused rather than silently ignored.
     """
@@ -223,8 +223,9 @@ def attribute_labels(attributes, n: int) -> torch.Tensor:
         raise ValueError(f"Got {len(attributes)} attribute mappings for {n} images; give one mapping, or one per image.")
     rows = []
     for wanted in attributes:
+        wanted = {} if wanted is None else wanted
         if not isinstance(wanted, Mapping):
-            raise TypeError(f"Each entry of attributes must be a mapping like {{'colour': 'red'}}, got {type(wanted).__name__}.")
+            raise TypeError(f"Each entry of attributes must be a mapping like {{'colour': 'red'}} or None, got {type(wanted).__name__}.")
         unknown = sorted(set(wanted) - set(CONDITION_ATTRIBUTES))
         if unknown:
             raise ValueError(

@@ -1,5 +1,5 @@
-"""The pixel-space DDPM: the shipped model loads (in sdlearn and diffusers), draws clean shapes,
-and the recipe trains, saves and refuses to overwrite."""
+"""The pixel-space DDPM: the shipped model loads (in sdlearn and diffusers), draws clean shapes of
+the colour, shape and size it is asked for, and the recipe trains, saves and refuses to overwrite."""
 
 import json
 
@@ -8,7 +8,7 @@ import torch
 
 from sdlearn import ddpm
 from sdlearn.datasets import data_path
-from sdlearn.evaluate import is_clean_shape
+from sdlearn.evaluate import attribute_set, clean_shape_scores, is_clean_shape
 from sdlearn.samplers import SAMPLER_NAMES
 from sdlearn.unet import UNet
 
@@ -29,23 +29,39 @@ def test_shipped_model_loads_strictly_in_sdlearn_and_diffusers(shipped):
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([10, 700])
     context = ddpm.null_context(unet, 2)
+    y = ddpm.condition_vector(ddpm.attribute_labels([{"colour": "red", "shape": "square"}, None], 2))
     with torch.no_grad():
-        err = (unet(x, t, context) - theirs(x, t, encoder_hidden_states=context).sample).abs().max().item()
-    assert err <= 1e-4
+        err = (unet(x, t, context, class_labels=y) - theirs(x, t, encoder_hidden_states=context, class_labels=y).sample)
+    assert err.abs().max().item() <= 1e-4
     assert schedule_config == ddpm.SCHEDULE
+    assert ddpm.is_conditional(unet) and theirs.config.class_embed_type == "projection"
 
 
 def test_clean_shape_rate_with_50_ddim_steps(shipped):
-    """The shipped model draws clean shapes most of the time, as often as its training record says.
-
-    (The course's goal is 90%; data/ddpm-shapes/training.json and data/README.md say where it stands.)
-    """
+    """The shipped model draws clean shapes of the asked colour, shape and size, as often as its training record says."""
     unet, schedule_config = shipped
-    images = ddpm.sample(unet, "ddim", n=64, seed=123, steps=50, schedule_config=schedule_config)
-    rate = is_clean_shape(images).float().mean().item()
-    recorded = json.loads((data_path(ddpm.DEFAULT_FOLDER) / "training.json").read_text())["clean_rate_ddim_50"]["rate"]
-    assert rate >= 0.4, f"clean-shape rate {rate:.2f}"
-    assert abs(rate - recorded) <= 0.2  # 64 samples each: the two estimates agree within sampling noise
+    record = json.loads((data_path(ddpm.DEFAULT_FOLDER) / "training.json").read_text())
+    guidance = ddpm.recommended_guidance()
+    assert guidance == record["guidance_scale"]
+    asked = attribute_set(64, seed=123)
+    images = ddpm.sample(unet, "ddim", n=64, seed=123, steps=50, schedule_config=schedule_config,
+                         attributes=asked, guidance_scale=guidance)
+    scores = clean_shape_scores(images)
+    right = [all(read[h] == want[h] for h in want) for read, want in zip(scores.predictions.names(), asked)]
+    # The course's goal is 90% (not reached: data/ddpm-shapes/README.md); 64 samples here, 200 in the record.
+    assert scores.rate >= 0.6, f"clean-shape rate {scores.rate:.2f}"
+    assert abs(scores.rate - record["clean_rate_ddim_50"]["rate"]) <= 0.15  # agree within sampling noise
+    assert sum(right) >= 0.5 * len(right)  # the referee reads all three asked attributes (chance: 1 in 64)
+
+
+def test_one_network_draws_with_and_without_being_told(shipped):
+    """Asked for nothing, the conditional model is an unconditional one; asked for red, it draws red."""
+    unet, schedule_config = shipped
+    free = ddpm.sample(unet, "ddim", n=24, seed=3, steps=25)
+    red = ddpm.sample(unet, "ddim", n=24, seed=3, steps=25, attributes={"colour": "red"}, guidance_scale=2.0)
+    colours = [names["colour"] for names in clean_shape_scores(free).predictions.names()]
+    assert len(set(colours)) >= 4  # free samples vary
+    assert [names["colour"] for names in clean_shape_scores(red).predictions.names()].count("red") >= 20
 
 
 def test_halfway_through_sampling_is_not_clean_but_the_end_is(shipped):
@@ -56,7 +72,8 @@ def test_halfway_through_sampling_is_not_clean_but_the_end_is(shipped):
         if i == 9:
             halfway["x"] = out.prev_sample.clamp(-1, 1)
 
-    final = ddpm.sample(unet, "ddim", n=32, seed=7, steps=20, schedule_config=schedule_config, callback=keep)
+    final = ddpm.sample(unet, "ddim", n=32, seed=7, steps=20, schedule_config=schedule_config, callback=keep,
+                        attributes=attribute_set(32, seed=7), guidance_scale=ddpm.recommended_guidance())
     assert is_clean_shape(halfway["x"]).float().mean() <= 0.1
     assert is_clean_shape(final).float().mean() >= 0.4
 
@@ -86,16 +103,44 @@ def test_bad_inputs_say_what_to_do(tmp_path, shipped):
         ddpm.sample(unet, "ddim", n=2, steps=3, noise=torch.randn(3, 3, 32, 32))
     with pytest.raises(ValueError, match="Choose one of"):
         ddpm.sample(unet, "heun", n=1, steps=3)
+    with pytest.raises(ValueError, match="Position is left to the noise"):
+        ddpm.sample(unet, "ddim", n=1, steps=3, attributes={"position": "top"})
+    with pytest.raises(ValueError, match="Unknown colour 'mauve'"):
+        ddpm.sample(unet, "ddim", n=1, steps=3, attributes={"colour": "mauve"})
+    with pytest.raises(ValueError, match="one mapping, or one per image"):
+        ddpm.sample(unet, "ddim", n=3, steps=3, attributes=[{"colour": "red"}] * 2)
+    with pytest.raises(ValueError, match="needs attributes"):
+        ddpm.sample(unet, "ddim", n=1, steps=3, guidance_scale=2.0)
+    unconditional = UNet(ddpm.unet_config(block_out_channels=(8, 8, 8), norm_num_groups=4, attention_head_dim=2))
+    with pytest.raises(ValueError, match="unconditional"):
+        ddpm.sample(unconditional, "ddim", n=1, steps=3, attributes={"colour": "red"})
+
+
+def test_condition_vector_blocks_and_attribute_labels():
+    labels = ddpm.attribute_labels([{"colour": "blue", "shape": 3, "size": "small"}, {"size": "large"}, None], 3)
+    assert labels.tolist() == [[2, 3, 0], [-1, -1, 1], [-1, -1, -1]]
+    y = ddpm.condition_vector(labels)
+    assert y.shape == (3, ddpm.CONDITION_DIM) == (3, 14)
+    assert y[0].nonzero().flatten().tolist() == [2, 8 + 3, 8 + 4 + 0]
+    assert y[1].nonzero().flatten().tolist() == [13] and not y[2].any()
+    dataset_labels = torch.tensor([[2, 3, 0, 7]])  # colour, shape, size, position: position is not used
+    assert torch.equal(ddpm.condition_vector(dataset_labels), y[:1])
+    assert torch.equal(ddpm.attribute_labels(None, 2), torch.full((2, 3), -1))
+    with pytest.raises(ValueError, match=r"shape \(B, 3\)"):
+        ddpm.condition_vector(torch.zeros(2, 3))
 
 
 def test_recipe_trains_saves_and_refuses_to_overwrite(tmp_path, capsys):
     from sdlearn.recipes import ddpm as recipe
 
     out = tmp_path / "ddpm"
-    report = recipe.train_ddpm(out, steps=3, batch_size=4, train_images=32, eval_samples=0, progress=False)
-    assert len(report) and report["settings"]["steps"] == 3
+    report = recipe.train_ddpm(out, steps=3, batch_size=4, train_images=32, eval_samples=2, guidance_scales=(1.0, 2.0),
+                               progress=False)
+    assert report["settings"]["steps"] == 3 and report["settings"]["conditional"]
+    assert report["guidance_scale"] in (1.0, 2.0) and set(report["clean_rate_ddim_50_by_guidance"]) == {"1", "2"}
+    assert (out / "samples.png").is_file() and ddpm.recommended_guidance(out) == report["guidance_scale"]
     unet, schedule_config = ddpm.load_ddpm(out)
-    assert schedule_config == ddpm.SCHEDULE
+    assert schedule_config == ddpm.SCHEDULE and ddpm.is_conditional(unet)
     assert json.loads((out / "training.json").read_text())["unet_parameters"] == unet.num_parameters()
     assert not recipe.work_folder(out).exists()  # checkpoints are removed after a finished run
     weights = (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
@@ -104,13 +149,39 @@ def test_recipe_trains_saves_and_refuses_to_overwrite(tmp_path, capsys):
     assert recipe.main(["--out", str(out), "--steps", "3"]) == 1
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == weights
+    assert recipe.main(["--out", str(tmp_path / "other"), "--attribute-dropout", "1.5"]) == 1
+    assert "attribute_dropout must be a probability" in capsys.readouterr().err
+
+
+def test_recipe_trains_an_unconditional_model_too(tmp_path):
+    from sdlearn.recipes import ddpm as recipe
+
+    report = recipe.train_ddpm(tmp_path / "u", steps=2, batch_size=4, train_images=16, eval_samples=2, progress=False,
+                               conditional=False, timesteps="uniform")
+    assert not report["settings"]["conditional"] and "guidance_scale" not in report
+    assert not ddpm.is_conditional(ddpm.load_ddpm(tmp_path / "u")[0])
+    assert ddpm.recommended_guidance(tmp_path / "u") == 1.0
+
+
+def test_training_batches_hide_attributes_at_the_asked_rates():
+    from sdlearn.recipes.ddpm import NoisyShapes
+
+    images, labels = torch.zeros(8, 3, 32, 32), torch.tensor([[1, 2, 1, 4]] * 8)
+    data = NoisyShapes(images, 4000, 1000, labels=labels, attribute_dropout=0.2, unconditional_prob=0.1)
+    x0, t, eps, context, y = data(0)
+    assert context is None and y.shape == (4000, 14)
+    told = y.view(4000, -1)[:, [1, 8 + 2, 12 + 1]] > 0  # (B, 3): colour, shape, size told?
+    assert abs((~told).float().mean().item() - (1 - 0.8 * 0.9)) < 0.03  # hidden alone (0.2) or with all (0.1)
+    assert abs((~told).all(dim=1).float().mean().item() - (0.1 + 0.9 * 0.2**3)) < 0.02
+    a, b = data(5), data(5)
+    assert all(torch.equal(u, v) for u, v in zip(a, b) if u is not None)  # deterministic in the step
 
 
 def test_recipe_resumes_an_interrupted_run(tmp_path):
     """A run stopped after its first checkpoint and resumed ends with the same weights as one run straight through."""
     from sdlearn.recipes import ddpm as recipe
 
-    settings = dict(steps=4, batch_size=4, train_images=32, eval_samples=0, progress=False)
+    settings = dict(steps=4, batch_size=4, train_images=32, eval_samples=0, progress=False)  # conditional, importance t
     straight = tmp_path / "straight"
     recipe.train_ddpm(straight, **settings)
 
@@ -158,3 +229,44 @@ def test_diffusion_loss_targets_and_weights():
         torch.testing.assert_close(ddpm.DiffusionLoss(noise_schedule, "v_prediction", 5.0)(unet, batch), expected)
     with pytest.raises(ValueError, match="prediction_type"):
         ddpm.DiffusionLoss(noise_schedule, "x0")
+
+
+def test_importance_sampled_timesteps_keep_the_expected_loss():
+    """t drawn in proportion to w(t), weighted by w / (T p): the same expected loss as uniform t weighted by w."""
+    noise_schedule = ddpm.schedule()
+    p = ddpm.timestep_probabilities(noise_schedule, "v_prediction", 5.0)
+    w = noise_schedule.min_snr_weight(torch.arange(1000), "v_prediction", 5.0).double()
+    assert p.shape == (1000,) and abs(p.sum().item() - 1) < 1e-9 and p.argmax() == w.argmax()
+    loss = ddpm.DiffusionLoss(noise_schedule, "v_prediction", 5.0, timestep_probabilities=p)
+    t = torch.tensor([0, 150, 999])
+    torch.testing.assert_close(loss.weights(t), torch.full((3,), w.mean().item()), rtol=1e-5, atol=0)
+    error = (torch.arange(1000, dtype=torch.float64) / 1000) ** 2  # any per-timestep error
+    uniform = (w * error).mean()
+    importance = (p * loss.weights(torch.arange(1000)).double() * error).sum()
+    torch.testing.assert_close(importance, uniform)
+    x0 = torch.zeros(20_000, 1, 1, 1)
+    _, drawn, _ = ddpm.training_batch(x0, 1000, generator=torch.Generator().manual_seed(0), timestep_probabilities=p)
+    assert (drawn > 800).float().mean() < 0.03 and (drawn < 300).float().mean() > 0.5  # uniform: 0.2 and 0.3
+    assert torch.equal(ddpm.timestep_probabilities(noise_schedule, min_snr_gamma=None), torch.full((1000,), 1e-3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"shape \(1000,\)"):
+        ddpm.training_batch(x0, 1000, timestep_probabilities=p[:10])
+
+
+def test_evaluate_command_scores_a_conditional_ddpm_per_sampler(tmp_path, capsys):
+    """python -m sdlearn.evaluate ddpm: the table and JSON, asked attributes and the unconditional row."""
+    from sdlearn.evaluate import main
+    from sdlearn.recipes import ddpm as recipe
+
+    model = tmp_path / "tiny"
+    recipe.train_ddpm(model, steps=2, batch_size=4, train_images=16, eval_samples=0, progress=False)
+    out = tmp_path / "evaluation.json"
+    assert main(["ddpm", "--model", str(model), "--samples", "3", "--steps", "2", "4", "--samplers", "ddim", "euler",
+                 "--guidance", "2", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "asked for a colour, shape and size (guidance 2)" in table and table.count("%") == 2 * 2 * 2
+    report = json.loads(out.read_text())
+    assert report["guidance_scale"] == 2.0 and report["samples"] == 3
+    assert [(row["sampler"], row["steps"]) for row in report["results"]] == [("ddim", 2), ("ddim", 4), ("euler", 2), ("euler", 4)]
+    for row in report["results"]:
+        assert 0 <= row["asked_rate"] <= row["clean_rate"] <= 1 and row["seconds_per_image"] > 0
+    assert report["unconditional"]["asked_rate"] is None and 0 <= report["unconditional"]["clean_rate"] <= 1
