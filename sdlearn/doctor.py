@@ -63,6 +63,17 @@ def pinned_versions(requirements: Path | None = None) -> dict:
     return pins
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what `platform` knows. Training times
+    in data/ are only comparable between runs on the same kind of CPU, so reports record it."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("model name") and ":" in line:
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def _kernel_registered() -> bool:
     try:
         from jupyter_client.kernelspec import KernelSpecManager
@@ -87,7 +98,7 @@ def check() -> Report:
     elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         report.device, report.device_detail = "mps", "Apple silicon GPU"
     else:
-        report.device, report.device_detail = "cpu", platform.processor() or platform.machine()
+        report.device, report.device_detail = "cpu", cpu_name()
     report.threads, report.cpus = torch.get_num_threads(), os.cpu_count() or 1
     report.widgets_frontend = _version("jupyterlab_widgets") is not None
     report.kernel_registered = _kernel_registered()

@@ -97,6 +97,7 @@ from sdlearn.datasets import (
     data_path,
     max_jitter,
 )
+from sdlearn.doctor import cpu_name
 
 # The four heads and their class names; the index of a name is its label, as in sdlearn.datasets.
 HEADS = {"colour": COLOUR_NAMES, "shape": SHAPES, "size": SIZES, "position": POSITIONS}
@@ -683,7 +684,7 @@ def main(argv=None) -> int:
         if args.json is not None:
             rows = [{"sampler": name, "steps": k, **row} for (name, k), row in results.items()]
             command = "python -m sdlearn.evaluate " + " ".join(sys.argv[1:] if argv is None else argv)
-            report = {"command": command, "samples": args.samples, "seed": args.seed, "torch_threads": torch.get_num_threads(),
+            report = {"command": command, "samples": args.samples, "seed": args.seed, "torch_threads": torch.get_num_threads(), "cpu": cpu_name(),
                       "seconds": round(time.perf_counter() - began, 1), "results": rows}
             if any(row["asked_rate"] is not None for row in rows):
                 report["guidance_scale"] = guidance
@@ -704,7 +705,7 @@ def main(argv=None) -> int:
         if args.json is not None:
             command = "python -m sdlearn.evaluate " + " ".join(sys.argv[1:] if argv is None else argv)
             out = {"command": command, "n": args.n, "heldout": args.heldout, "steps": args.steps, "guidance_scale": guidance,
-                   "seed": args.seed, "torch_threads": torch.get_num_threads(),
+                   "seed": args.seed, "torch_threads": torch.get_num_threads(), "cpu": cpu_name(),
                    "seconds": round(time.perf_counter() - began, 1), "samplers": report}
             args.json.write_text(json.dumps(out, indent=2) + "\n")
         return 0

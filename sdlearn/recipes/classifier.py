@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from sdlearn.datasets import Shapes
+from sdlearn.doctor import cpu_name
 from sdlearn.evaluate import EVAL_SEED, HEADS, ClassifierConfig, ShapesClassifier, render_accuracy
 from sdlearn.train import train
 
@@ -105,6 +106,7 @@ def main(argv=None) -> int:
         "wall_seconds": round(wall, 1),
         "cpu_seconds": round(cpu, 1),
         "torch_threads": torch.get_num_threads(),
+        "cpu": cpu_name(),
         "accuracy_on_fresh_renders": {k: {h: round(a, 4) for h, a in v.items()} for k, v in accuracy.items()},
         "eval_seed": EVAL_SEED,
     }

@@ -63,6 +63,7 @@ import torch.nn.functional as F
 
 from sdlearn.clip import CLIPTextModel, CLIPTokenizer, train_tiny_clip
 from sdlearn.datasets import Shapes, data_dir, to_model_range
+from sdlearn.doctor import cpu_name
 from sdlearn.pipeline import StableDiffusion
 from sdlearn.plotting import image_grid
 from sdlearn.schedules import NoiseSchedule
@@ -396,6 +397,7 @@ def train_mini_sd(out, config: MiniSDConfig | None = None, resume: bool = False,
         "guidance_scale": max(guidance, key=guidance.get) if guidance else DEFAULT_GUIDANCE,
         "guidance_search": {f"{k:g}": v for k, v in guidance.items()},
         "torch_threads": torch.get_num_threads(),
+        "cpu": cpu_name(),
     }
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     if not keep_work:
