@@ -8,6 +8,7 @@ import torch
 
 from sdlearn import ddpm
 from sdlearn.datasets import data_path
+from sdlearn.doctor import cpu_name
 from sdlearn.evaluate import attribute_set, clean_shape_scores, is_clean_shape
 from sdlearn.samplers import SAMPLER_NAMES
 from sdlearn.unet import UNet
@@ -49,7 +50,7 @@ def test_clean_shape_rate_with_50_ddim_steps(shipped):
     scores = clean_shape_scores(images)
     right = [all(read[h] == want[h] for h in want) for read, want in zip(scores.predictions.names(), asked)]
     # The course's goal is 90% (not reached: data/ddpm-shapes/README.md); 64 samples here, 200 in the record.
-    assert scores.rate >= 0.6, f"clean-shape rate {scores.rate:.2f}"
+    assert scores.rate >= 0.7, f"clean-shape rate {scores.rate:.2f}"
     assert abs(scores.rate - record["clean_rate_ddim_50"]["rate"]) <= 0.15  # agree within sampling noise
     assert sum(right) >= 0.5 * len(right)  # the referee reads all three asked attributes (chance: 1 in 64)
 
@@ -141,7 +142,9 @@ def test_recipe_trains_saves_and_refuses_to_overwrite(tmp_path, capsys):
     assert (out / "samples.png").is_file() and ddpm.recommended_guidance(out) == report["guidance_scale"]
     unet, schedule_config = ddpm.load_ddpm(out)
     assert schedule_config == ddpm.SCHEDULE and ddpm.is_conditional(unet)
-    assert json.loads((out / "training.json").read_text())["unet_parameters"] == unet.num_parameters()
+    record = json.loads((out / "training.json").read_text())
+    assert record["unet_parameters"] == unet.num_parameters()
+    assert record["cpu"] == cpu_name() and record["cpu"]  # training times are only comparable on one kind of CPU
     assert not recipe.work_folder(out).exists()  # checkpoints are removed after a finished run
     weights = (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
     with pytest.raises(FileExistsError, match="--overwrite"):
