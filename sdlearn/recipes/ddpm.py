@@ -48,7 +48,7 @@ prompts:
         4,000 steps (about 16 min on both cores, over budget)           * 92.5% / 88.5%
         3,400 steps (784 s), guidance 1.5 chosen at the end (90.5% there)   * 85.5% at 1.5
         3,700 steps (695 s; the shipped model), guidance 1.5 (88.5% there)  * 84% at 1.5
-            (DDPM and Euler a, 50 steps: * 90% and 89.5%)
+            (the same evaluation with DDPM and Euler a, 50 steps: 90% and 89.5%)
 
 So runs with the same settings differ by several points (the end-of-run and the evaluation
 prompts by a few more), and the wider network, told every attribute more often (a training
@@ -99,9 +99,9 @@ import numpy as np
 import torch
 
 from sdlearn.datasets import Shapes
-from sdlearn.doctor import cpu_name
 from sdlearn.ddpm import (BETA_RANGES, IMAGE_SIZE, MIN_SNR_GAMMA, PREDICTION_TYPES, DiffusionLoss, condition_vector,
                          sample, schedule, schedule_config, timestep_probabilities, training_batch, unet_config)
+from sdlearn.doctor import cpu_name
 from sdlearn.recipes import prepare_work_folder, work_folder  # noqa: F401 (work_folder: callers ask the recipe)
 from sdlearn.train import PRECISIONS, EMALoss, EMATrainee, resolve_precision, train
 from sdlearn.unet import UNet
