@@ -49,10 +49,10 @@ def test_clean_shape_rate_with_50_ddim_steps(shipped):
                          attributes=asked, guidance_scale=guidance)
     scores = clean_shape_scores(images)
     right = [all(read[h] == want[h] for h in want) for read, want in zip(scores.predictions.names(), asked)]
-    # The course's goal is 90% (not reached: data/ddpm-shapes/README.md); 64 samples here, 200 in the record.
-    assert scores.rate >= 0.7, f"clean-shape rate {scores.rate:.2f}"
+    # The course's goal is 90% over 200 samples (evaluation.json records it); 64 samples scatter by about 4 points.
+    assert scores.rate >= 0.85, f"clean-shape rate {scores.rate:.2f}"
     assert abs(scores.rate - record["clean_rate_ddim_50"]["rate"]) <= 0.15  # agree within sampling noise
-    assert sum(right) >= 0.5 * len(right)  # the referee reads all three asked attributes (chance: 1 in 64)
+    assert sum(right) >= 0.8 * len(right)  # the referee reads all three asked attributes (chance: 1 in 64)
 
 
 def test_one_network_draws_with_and_without_being_told(shipped):
