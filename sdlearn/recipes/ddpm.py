@@ -56,18 +56,19 @@ prompts:
 So runs with the same settings differ by several points (the end-of-run and the evaluation
 prompts by a few more), and the wider network, told every attribute more often (a training
 image is fully told with probability 0.9 * 0.9^3 = 0.66 instead of 0.46), trained for as many
-steps as 15 minutes allow on a bf16 CPU, is the best use of them found. Tried and dropped, with the told 16/32/64 model at guidance 2: two ResNet
-blocks at 32x32 (4,600 steps) 79.5%; loss variants (measured with patched copies of this recipe
-that were not kept): small shapes' loss counted three times 83.5%; raising the Min-SNR weight
-of the noisiest timesteps to that of SNR 1 or 0.3 (Salimans & Ho's truncated SNR; 5,000 steps)
-65.5% and 71.5% at their best guidance; clip_sample 61% (sdlearn.ddpm says why; on the 3,700-step
-model 70.5%*, against 84%*); on the 5,200-step model, DDIM with "linspace" timesteps (ending at
-t = 0) instead of "trailing" 72.5%* against 75%*; torch.compile (four minutes of compiling,
-then no faster) and channels_last (no faster; slower for the wider network). Where the misses
-come from: restarting DDIM from real renders noised to t = 599 gives 93.5% clean, from t = 399
-97%, so most are decided in the noisiest third of the steps; they are mostly small shapes (the
-5,200-step model missed 39% of small and 12% of large ones) whose outline differs from a clean
-render by more than the referee allows, a second shape, or a shape cut by the border.
+steps as 15 minutes allow on a bf16 CPU, is the best use of them found. Tried and dropped, with
+the told 16/32/64 model at guidance 2: two ResNet blocks at 32x32 (4,600 steps) 79.5%; loss
+variants (measured with patched copies of this recipe that were not kept): small shapes' loss
+counted three times 83.5%; raising the Min-SNR weight of the noisiest timesteps to that of SNR
+1 or 0.3 (Salimans & Ho's truncated SNR; 5,000 steps) 65.5% and 71.5% at their best guidance;
+clip_sample 61% (sdlearn.ddpm says why; on the 3,700-step model 70.5%*, against 84%*); on the
+5,200-step model, DDIM with "linspace" timesteps (ending at t = 0) instead of "trailing" 72.5%*
+against 75%*; torch.compile (four minutes of compiling, then no faster) and channels_last (no
+faster; slower for the wider network). Where the misses come from: restarting DDIM from real
+renders noised to t = 599 gives 93.5% clean, from t = 399 97%, so most are decided in the
+noisiest third of the steps; they are mostly small shapes (the 5,200-step model missed 39% of
+small and 12% of large ones) whose outline differs from a clean render by more than the referee
+allows, a second shape, or a shape cut by the border.
 
 Data: 10,000 images of the train split of the shapes dataset (seed 0), at 32 px; the
 held-out (colour, shape) pairs stay unseen, as for every generator of the course.
