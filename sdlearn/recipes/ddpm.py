@@ -28,11 +28,12 @@ Where it stands against the course's goal, a clean shape in 90% of DDIM-50 sampl
 minutes of training on a 2-core CPU (sdlearn.evaluate's referee, 200 samples per figure):
 reached by the shipped run (4,300 steps in 790 s, DDIM-50 91.5%; data/ddpm-shapes/README.md,
 training.json has its time and CPU, evaluation.json every sampler). Times are of 2-core CPUs
-with native bf16, which differ among themselves by up to about 30% per step (the 4,000-step
-run below took 16 minutes on one, the shipped 4,300 steps 13 minutes on another); one without
+with native bf16, which differ among themselves by up to 1.6x per step (the 4,000-step run
+below took 16 minutes on one, 4,300 steps 11 and 13 minutes on another); one without
 bf16 (an AMD EPYC, fp32) took about 0.6 s per step, 3x longer. The record, each figure one
-training run (the shipped ones are `make train-ddpm`; the others were measured with one-off
-scripts around this recipe and the referee, which are not kept).
+training run (the shipped ones are `make train-ddpm`, the --seed 1 run this recipe and
+`python -m sdlearn.evaluate ddpm --model`; the others were measured with one-off scripts
+around this recipe and the referee, which are not kept).
 Figures marked * are DDIM-50 on the 200 prompts of `python -m sdlearn.evaluate ddpm`, at
 guidance 2 / 3 unless another scale is named; the others on the recipe's own end-of-run
 prompts:
@@ -52,6 +53,7 @@ prompts:
         3,700 steps (695 s; the model shipped before), guidance 1.5 (88.5% there)  * 84% at 1.5
             (the same evaluation with DDPM and Euler a, 50 steps: 90% and 89.5%)
         4,300 steps (790 s; the shipped model), guidance 1.5 (93.5% there)  * 91.5% at 1.5
+        4,300 steps, --seed 1 (650 s on the same CPU), guidance 1.5 (96.5% there)  * 96% at 1.5
 
 So runs with the same settings differ by several points (the end-of-run and the evaluation
 prompts by a few more), and the wider network, told every attribute more often (a training
