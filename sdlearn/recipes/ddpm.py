@@ -29,14 +29,13 @@ minutes of training on a 2-core CPU (sdlearn.evaluate's referee, 200 samples per
 reached by the shipped run (4,300 steps in 790 s, DDIM-50 91.5%; data/ddpm-shapes/README.md,
 training.json has its time and CPU, evaluation.json every sampler). Times are of 2-core CPUs
 with native bf16, which differ among themselves by up to 1.6x per step (the 4,000-step run
-below took 16 minutes on one, 4,300 steps 11 and 13 minutes on another); one without
-bf16 (an AMD EPYC, fp32) took about 0.6 s per step, 3x longer. The record, each figure one
-training run (the shipped ones are `make train-ddpm`, the --seed 1 run this recipe and
-`python -m sdlearn.evaluate ddpm --model`; the others were measured with one-off scripts
-around this recipe and the referee, which are not kept).
-Figures marked * are DDIM-50 on the 200 prompts of `python -m sdlearn.evaluate ddpm`, at
-guidance 2 / 3 unless another scale is named; the others on the recipe's own end-of-run
-prompts:
+below took 16 minutes on one, 4,300 steps 11 and 13 minutes on another); one without bf16 (an
+AMD EPYC, fp32) took about 0.6 s per step, 3x longer. The record, each figure one training run
+(the shipped ones are `make train-ddpm`, the --seed 1 run this recipe and `python -m
+sdlearn.evaluate ddpm --model`; the others were measured with one-off scripts around this
+recipe and the referee, which are not kept). Figures marked * are DDIM-50 on the 200 prompts of
+`python -m sdlearn.evaluate ddpm`, at guidance 2 / 3 unless another scale is named; the others
+on the recipe's own end-of-run prompts:
 
     unconditional, uniform t, 3,400 steps (an earlier shipped model)                60%
     unconditional, importance-sampled t: 3,000 steps 59.5% (uniform: 55.5%); 6,000 steps 78%
