@@ -31,8 +31,8 @@ training.json has its time and CPU, evaluation.json every sampler). Times are of
 with native bf16, which differ among themselves by up to 1.6x per step (the 4,000-step run
 below took 16 minutes on one, 4,300 steps 11 and 13 minutes on another); one without bf16 (an
 AMD EPYC, fp32) took about 0.6 s per step, 3x longer. The record, each figure one training run
-(the shipped ones are `make train-ddpm`, the --seed 1 run this recipe and `python -m
-sdlearn.evaluate ddpm --model`; the others were measured with one-off scripts around this
+(the shipped ones are `make train-ddpm`, the --seed 1 run this recipe and
+`python -m sdlearn.evaluate ddpm --model`; the others were measured with one-off scripts around this
 recipe and the referee, which are not kept). Figures marked * are DDIM-50 on the 200 prompts of
 `python -m sdlearn.evaluate ddpm`, at guidance 2 / 3 unless another scale is named; the others
 on the recipe's own end-of-run prompts:
