@@ -32,7 +32,7 @@ notebooks: $(STAMP)
 
 # Reproduce the shipped artefacts in data/ (data/README.md lists times and quality).
 train-clip: $(STAMP)
-	$(PY) -m sdlearn.clip train-tiny data/clip-shapes --steps 3000 --batch-size 128 $(if $(OVERWRITE),--overwrite)
+	$(PY) -m sdlearn.recipes.clip train-tiny data/clip-shapes --steps 3000 --batch-size 128 $(if $(OVERWRITE),--overwrite)
 
 train-tiny-vae: $(STAMP)
 	$(PY) -m sdlearn.recipes.tiny_vae --out data/tiny-vae --threads 1 $(if $(OVERWRITE),--overwrite)

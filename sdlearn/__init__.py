@@ -18,7 +18,7 @@ from sdlearn.doctor import doctor  # noqa: E402
 
 # name -> module that defines it
 _LAZY = {
-    "load_pipeline": "sdlearn.pretrained",
+    "load_pipeline": "sdlearn.pipeline.loading",
 }
 
 __all__ = ["__version__", "doctor", *_LAZY]

@@ -123,7 +123,7 @@ def build_unet_pair(config, device="cpu", dtype=torch.float32, seed=0):
     """diffusers' UNet2DConditionModel with seeded random weights, and sdlearn's UNet sharing them."""
     from diffusers import UNet2DConditionModel
 
-    from sdlearn.unet import UNet, config_dict_for_diffusers
+    from sdlearn.models.unet import UNet, config_dict_for_diffusers
 
     torch.manual_seed(seed)
     theirs = UNet2DConditionModel(**config_dict_for_diffusers(config)).eval()
@@ -156,7 +156,7 @@ def _unet_case(ours, theirs, label, batch, size, device, dtype, repeats, warmup,
 
 
 def bench_unet(args) -> list:
-    from sdlearn.unet import UNetConfig
+    from sdlearn.models.unet import UNetConfig
 
     config = getattr(UNetConfig, args.config)()
     results = []
@@ -192,11 +192,11 @@ def build_pipeline_pair(preset: str = "sd15", device="cpu", dtype=torch.float32,
     from transformers import CLIPTextModel as HFCLIPTextModel
     from transformers import CLIPTokenizer as HFCLIPTokenizer
 
-    from sdlearn.clip import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-    from sdlearn.pipeline import SD_SCHEDULER_CONFIG, StableDiffusion
-    from sdlearn.pretrained import SD_TOKENIZER
-    from sdlearn.unet import UNet, UNetConfig, config_dict_for_diffusers
-    from sdlearn.vae import AutoencoderKL, VAEConfig
+    from sdlearn.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from sdlearn.pipeline.stable_diffusion import SD_SCHEDULER_CONFIG, StableDiffusion
+    from sdlearn.pipeline.loading import SD_TOKENIZER
+    from sdlearn.models.unet import UNet, UNetConfig, config_dict_for_diffusers
+    from sdlearn.models.vae import AutoencoderKL, VAEConfig
 
     if preset == "sd15":
         unet_config, vae_config, text_config = UNetConfig.sd15(), VAEConfig.sd(), CLIPTextConfig.vit_l14()

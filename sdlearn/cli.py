@@ -5,7 +5,7 @@
         --negative "blurry" --height 512 --width 512 --device cuda --out cat.png
 
 `--model` takes a diffusers-format pipeline folder, a single-file checkpoint (.safetensors,
-or a tensors-only .ckpt) or a hub id (see sdlearn.pretrained), and defaults to
+or a tensors-only .ckpt) or a hub id (see sdlearn.pipeline.loading), and defaults to
 the course's mini-SD in data/mini-sd (made by `make train-mini-sd`). Also runnable as
 `python -m sdlearn ...`. Returns exit status 0 on success, 2 for bad input.
 """
@@ -99,7 +99,7 @@ def generate(args) -> int:
 
     import torch  # imported here: keeps `sdlearn --help` fast
 
-    from sdlearn.pretrained import load_pipeline
+    from sdlearn.pipeline.loading import load_pipeline
 
     device = resolve_device(args.device, torch)
     seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())

@@ -23,7 +23,7 @@ bigger, cleverer steps.
 What the shipped model predicts, and how its loss is weighted. eps is not the only target:
 a network can as well predict v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0
 (Salimans & Ho 2022; SD 2.x 768-v does), from which x_0 = sqrt(alpha_bar_t) x_t -
-sqrt(1 - alpha_bar_t) v and eps follow (sdlearn.schedules). The two objectives differ in how
+sqrt(1 - alpha_bar_t) v and eps follow (sdlearn.diffusion.schedules). The two objectives differ in how
 much each timestep counts: an eps error e costs e / sqrt(SNR) in x_0, so L_simple spends much
 of its effort on almost noise-free timesteps, where there is little left to learn. Min-SNR-
 gamma weighting (Hang et al. 2023) caps each timestep's weight in x_0 terms at gamma:
@@ -102,10 +102,13 @@ import torch
 import torch.nn.functional as F
 
 from sdlearn.datasets import COLOUR_NAMES, SHAPES, SIZES, data_path
-from sdlearn.samplers import SAMPLER_NAMES, Sampler, randn, sampler_from_config
-from sdlearn.samplers import sample as run_sampler
-from sdlearn.schedules import NoiseSchedule
-from sdlearn.unet import UNet, UNetConfig
+from sdlearn.diffusion.guidance import classifier_free_guidance
+from sdlearn.diffusion.samplers import SAMPLER_NAMES, Sampler
+from sdlearn.diffusion.scheduler_configs import sampler_from_config
+from sdlearn.models.noise import randn
+from sdlearn.diffusion.samplers import sample as run_sampler
+from sdlearn.diffusion.schedules import PREDICTION_TYPES, NoiseSchedule
+from sdlearn.models.unet import UNet, UNetConfig
 
 IMAGE_SIZE = 32
 DEFAULT_FOLDER = "ddpm-shapes"  # under data/
@@ -113,7 +116,6 @@ MAKE_TARGET = "train-ddpm"
 # The beta schedules the recipe offers: (beta_start, beta_end), T = 1000.
 BETA_RANGES = {"linear": (0.0001, 0.02), "scaled_linear": (0.00085, 0.012),
                "squaredcos_cap_v2": (0.0001, 0.02)}  # cosine: the range is unused, diffusers' configs carry it anyway
-PREDICTION_TYPES = ("epsilon", "v_prediction")  # what the network is trained to output
 MIN_SNR_GAMMA = 5.0  # the shipped model's loss weights (see the module docstring)
 # What a conditional model can be told: colour, shape and size, as one block of one-hot entries each.
 CONDITION_ATTRIBUTES = {"colour": COLOUR_NAMES, "shape": SHAPES, "size": SIZES}
@@ -149,7 +151,7 @@ __all__ = [
     "IMAGE_SIZE", "SCHEDULE", "BETA_RANGES", "PREDICTION_TYPES", "MIN_SNR_GAMMA", "CONDITION_ATTRIBUTES", "CONDITION_DIM",
     "schedule_config", "SAMPLER_NAMES", "unet_config", "is_conditional", "schedule", "null_context", "attribute_labels",
     "condition_vector", "timestep_probabilities", "ddpm_loss", "DiffusionLoss", "training_batch", "load_ddpm",
-    "make_sampler", "denoiser", "sample",
+    "recommended_guidance", "make_sampler", "denoiser", "sample",
 ]
 
 
@@ -372,11 +374,18 @@ def load_ddpm(folder=None, device=None) -> tuple:
     return unet, json.loads(config_file.read_text())
 
 
-def recommended_guidance(folder=None) -> float:
-    """The guidance scale a trained DDPM's training.json recommends (the recipe measures it); 1 if none."""
+def recommended_guidance(folder=None, default: float = 1.0) -> float:
+    """The guidance scale a trained model folder's training.json records (its recipe measures it), else `default`.
+
+    folder: data/ddpm-shapes when None; any folder a recipe wrote works (data/mini-sd records one too).
+    default: for a folder without that record; 1 means no guidance (text-to-image callers pass 4,
+    sdlearn.evaluate.TEXT_TO_IMAGE_GUIDANCE). The one definition: sdlearn.evaluate re-exports it.
+    """
     folder = data_path(DEFAULT_FOLDER, MAKE_TARGET) if folder is None else Path(folder)
     record = folder / "training.json"
-    return float(json.loads(record.read_text()).get("guidance_scale", 1.0)) if record.is_file() else 1.0
+    if not record.is_file():
+        return default
+    return float(json.loads(record.read_text()).get("guidance_scale", default))
 
 
 def make_sampler(name: str, schedule_config: dict | None = None) -> Sampler:
@@ -389,7 +398,8 @@ def denoiser(unet: UNet, n: int, attributes=None, guidance_scale: float = 1.0):
 
     Unconditional models get null_context. A conditional model is told `attributes`
     (`attribute_labels`: None asks for nothing, which is its unconditional mode); with
-    guidance_scale != 1 it is guided (classifier-free guidance, Ho & Salimans 2022; lesson 09):
+    guidance_scale != 1 it is guided (classifier-free guidance, Ho & Salimans 2022; lesson 09;
+    sdlearn.diffusion.guidance):
 
         out = out(nothing asked) + guidance_scale * (out(attributes) - out(nothing asked))
     """
@@ -419,7 +429,7 @@ def denoiser(unet: UNet, n: int, attributes=None, guidance_scale: float = 1.0):
 
     def guided(x, t):
         out_free, out_asked = unet(torch.cat([x, x]), t, context, class_labels=both).chunk(2)  # (n, C, H, W) each
-        return out_free + guidance_scale * (out_asked - out_free)  # classifier-free guidance
+        return classifier_free_guidance(out_free, out_asked, guidance_scale)
 
     return guided
 

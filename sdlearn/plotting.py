@@ -29,6 +29,8 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
+from sdlearn.pipeline.images import to_pil, to_tensor  # noqa: F401 (to_tensor re-exported: lessons use both from here)
+
 DPI = 80  # small PNGs keep the executed notebooks small
 STYLE = {
     "figure.dpi": DPI,
@@ -69,41 +71,6 @@ def figure(nrows: int = 1, ncols: int = 1, figsize=(5.0, 3.0), **kwargs):
 # ---------------------------------------------------------------------------------------
 # Conversions
 # ---------------------------------------------------------------------------------------
-
-
-def to_pil(images: torch.Tensor, value_range=(-1.0, 1.0)):
-    """A (C, H, W) tensor -> PIL image; a (B, C, H, W) tensor -> list of PIL images.
-
-    C is 1 (greyscale) or 3 (RGB). Values outside value_range are clipped.
-    """
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(f"to_pil expects a torch.Tensor, got {type(images).__name__}. (PIL images need no conversion.)")
-    if images.dim() == 4:
-        return [to_pil(image, value_range) for image in images]
-    if images.dim() != 3:
-        raise ValueError(f"to_pil expects (C, H, W) or (B, C, H, W), got shape {tuple(images.shape)}.")
-    if images.shape[0] not in (1, 3):
-        raise ValueError(
-            f"to_pil expects 1 or 3 channels first, got shape {tuple(images.shape)}. "
-            "Is the tensor (H, W, C)? Use .permute(2, 0, 1). For 4-channel latents, show one channel at a time: z[i:i+1]."
-        )
-    x = images.detach().cpu().double()
-    if not torch.isfinite(x).all():
-        raise ValueError("The image has NaN or infinite values; a model or sampler upstream has diverged.")
-    low, high = value_range
-    x = (x - low) / (high - low)  # [0, 1]
-    pixels = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()  # (H, W, C)
-    return Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
-
-
-def to_tensor(image) -> torch.Tensor:
-    """A PIL image -> (3, H, W) float tensor in [-1, 1]; a list of same-size images -> (B, 3, H, W)."""
-    if isinstance(image, (list, tuple)):
-        return torch.stack([to_tensor(im) for im in image])
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"to_tensor expects a PIL image or a list of them, got {type(image).__name__}.")
-    pixels = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
-    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
 def _pil_list(images) -> list:

@@ -39,9 +39,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
+from sdlearn.pipeline.stable_diffusion import StepRecorder
 from sdlearn.plotting import STYLE, image_grid, to_tensor
-from sdlearn.samplers import Sampler, sample
-from sdlearn.schedules import NoiseSchedule
+from sdlearn.diffusion.samplers import Sampler, sample
+from sdlearn.diffusion.schedules import NoiseSchedule
 
 # Shared helpers: tensors -> PNG bytes --------------------------------------------------
 
@@ -280,6 +281,22 @@ class SamplingRecord:
         return len(self.timesteps)
 
 
+def sampling_record_from_steps(recorder, pipe=None, sampler: str = "", keep: int = 4) -> SamplingRecord:
+    """A pipeline run kept by a `StepRecorder`, as a SamplingRecord for `denoising_stepper`.
+
+    With `pipe`, the latents after each step and the x0 predictions are decoded to images
+    by its VAE (keep images of the batch, one VAE call per step); without it the stepper
+    shows the first three latent channels. The noise panel shows the guided eps.
+    """
+    latents, x0_pred, eps = (recorder.stack(name)[:, :keep] for name in ("latents", "x0_pred", "eps"))  # (steps, B, 4, h, w)
+    if pipe is not None:
+        latents, x0_pred = (
+            torch.stack([pipe.decode_latents(z.to(pipe.device)).float().cpu() for z in frames])  # (steps, B, 3, H, W)
+            for frames in (latents, x0_pred)
+        )
+    return SamplingRecord(sampler, recorder.timesteps, latents, x0_pred, eps, final=latents[-1])
+
+
 def record_sampling(
     model_fn,
     sampler: Sampler,
@@ -402,13 +419,11 @@ def record_pipeline(
     eps_pred is the guided noise prediction e = e_neg + s (e_cond - e_neg) in latent space.
     kwargs go to text_to_image (negative_prompt, height, width, eta, ...).
     """
-    from sdlearn.pipeline import StepRecorder  # imported here: the pipeline pulls in every model module
-
     recorder = StepRecorder()
     pipe.text_to_image(prompt, steps=steps, guidance_scale=guidance_scale, sampler=sampler, seed=seed,
                        callback=recorder, output_type="latent", **kwargs)
     name = sampler or pipe.default_sampler or ""
-    record = recorder.to_sampling_record(pipe, sampler=name, keep=keep)  # (steps, B, 3, H, W) decoded frames
+    record = sampling_record_from_steps(recorder, pipe, sampler=name, keep=keep)  # (steps, B, 3, H, W) decoded frames
     return replace(record, space="latent")
 
 
@@ -523,7 +538,7 @@ def token_attention(pipe, prompt: str, steps: int = 25, guidance_scale: float = 
     [unconditional, conditional]: the conditional half is kept, the one that reads the prompt.
     layers: names of the layers to average (default: all cross-attention layers).
     """
-    from sdlearn.attention import record_attention  # imported here, like the pipeline
+    from sdlearn.models.attention import record_attention  # imported here, like the pipeline
 
     if not isinstance(prompt, str):
         raise TypeError(f"Expected one prompt string, got {type(prompt).__name__}; attention maps are drawn for one image.")

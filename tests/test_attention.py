@@ -1,4 +1,4 @@
-"""sdlearn.attention against diffusers, the written-out formula against the fused kernel, and attention maps."""
+"""sdlearn.models.attention against diffusers, the written-out formula against the fused kernel, and attention maps."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ from diffusers.models.attention import BasicTransformerBlock as DiffusersBlock
 from diffusers.models.attention_processor import Attention as DiffusersAttention
 from diffusers.models.transformers.transformer_2d import Transformer2DModel as DiffusersTransformer2D
 
-from sdlearn.attention import (
+from sdlearn.models.attention import (
     Attention,
     BasicTransformerBlock,
     Transformer2DModel,

@@ -14,7 +14,7 @@ from PIL import Image
 from sdlearn.cli import main
 from sdlearn.clip import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from sdlearn.pipeline import StableDiffusion
-from sdlearn.pretrained import load_pipeline
+from sdlearn.pipeline import load_pipeline
 from sdlearn.unet import UNet, UNetConfig
 from sdlearn.vae import AutoencoderKL, VAEConfig
 

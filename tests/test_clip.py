@@ -9,7 +9,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from sdlearn.checkpoint import CheckpointError
+from sdlearn.models.checkpoint import CheckpointError
 from sdlearn.clip import (
     CLIPTextConfig,
     CLIPTextModel,

@@ -1,158 +1,63 @@
-"""The referee: it reads real renders right, calls real renders clean, and is not fooled by
-noise, blobs, pairs of shapes or half-denoised images."""
+"""sdlearn.evaluate: the command line parses and runs (without --guidance it takes the model's
+recorded scale), the referee's names are still importable from here, and one
+recommended_guidance serves the DDPM and the text-to-image evaluation.
 
-import numpy as np
+The referee itself (classifier, clean-shape check, faithfulness) is tested in tests/test_referee.py.
+"""
+
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
-import torch.nn.functional as F
 
-from sdlearn import evaluate as ev
-from sdlearn.datasets import Shapes, render
-from sdlearn.plotting import to_pil, to_tensor
-from sdlearn.schedules import NoiseSchedule
+from sdlearn import ddpm, evaluate as ev, referee
+from sdlearn.datasets import data_path
 
-
-@pytest.fixture(scope="module")
-def classifier():
-    return ev.load_classifier()
-
-
-@pytest.fixture(scope="module", params=[32, 64])
-def renders(request):
-    """500 fresh renders of all 32 (colour, shape) pairs, a seed the classifier never trained on."""
-    return Shapes(500, seed=4242, size=request.param, split="all")
+SD_DDIM = {
+    "_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000, "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
+}
+REFEREE_NAMES = ["HEADS", "CONFIDENCE", "DEAD_ZONE", "MAX_RENDER_ERROR", "STRAY_LEVEL", "MAX_STRAY", "DEFAULT_FOLDER",
+                 "MAKE_TARGET", "EVAL_SEED", "ClassifierConfig", "ShapesClassifier", "load_classifier", "as_batch", "Predictions",
+                 "classify", "render_errors", "CleanShapeScores", "clean_shape_scores", "is_clean_shape", "faithfulness",
+                 "format_faithfulness", "render_accuracy"]
 
 
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Blur images in [-1, 1] on a white surround."""
-    k = 2 * int(3 * sigma) + 1
-    r = torch.arange(k) - k // 2
-    g = torch.exp(-(r**2) / (2 * sigma**2))
-    g = g / g.sum()
-    x = F.pad(x + 1, (k // 2,) * 4, value=2.0) - 1
-    x = F.conv2d(x, g.view(1, 1, 1, k).repeat(3, 1, 1, 1), groups=3)
-    return F.conv2d(x, g.view(1, 1, k, 1).repeat(3, 1, 1, 1), groups=3)
+def test_referee_names_are_still_importable_from_evaluate():
+    """Notebooks write `from sdlearn.evaluate import is_clean_shape`: the same objects as sdlearn.referee's."""
+    for name in REFEREE_NAMES:
+        assert getattr(ev, name) is getattr(referee, name), name
+    assert ev.recommended_guidance is ddpm.recommended_guidance  # one definition
 
 
-def test_accuracy_on_fresh_renders_is_at_least_98_percent_on_every_head(classifier, renders):
-    predictions = ev.classify(renders.tensors(), classifier)
-    for i, head in enumerate(ev.HEADS):
-        accuracy = (predictions.labels[head] == renders.labels[:, i]).float().mean().item()
-        assert accuracy >= 0.98, f"{head} accuracy {accuracy:.3f} at {renders.size} px"
+def test_recommended_guidance_reads_the_record_else_the_default(tmp_path):
+    assert ddpm.recommended_guidance(tmp_path) == 1.0  # no training.json: no guidance
+    assert ddpm.recommended_guidance(tmp_path, default=ev.TEXT_TO_IMAGE_GUIDANCE) == 4.0
+    (tmp_path / "training.json").write_text(json.dumps({"steps": 10}))
+    assert ddpm.recommended_guidance(tmp_path, default=4.0) == 4.0  # a record without the scale
+    (tmp_path / "training.json").write_text(json.dumps({"guidance_scale": 2.5}))
+    assert ddpm.recommended_guidance(tmp_path) == ddpm.recommended_guidance(tmp_path, default=4.0) == 2.5
+    shipped = json.loads((data_path(ddpm.DEFAULT_FOLDER) / "training.json").read_text())["guidance_scale"]
+    assert ddpm.recommended_guidance() == shipped  # data/ddpm-shapes by default
 
 
-def test_held_out_pairs_are_read_too(classifier):
-    test_split = Shapes(200, seed=9, size=32, split="test")  # only the four HELD_OUT pairs
-    predictions = ev.classify(test_split.tensors(), classifier)
-    assert (predictions.labels["colour"] == test_split.labels[:, 0]).float().mean() >= 0.98
-    assert (predictions.labels["shape"] == test_split.labels[:, 1]).float().mean() >= 0.98
+@pytest.mark.parametrize("command", ["classifier", "ddpm", "text-to-image"])
+def test_every_subcommand_parses_and_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        ev.main([command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert f"python -m sdlearn.evaluate {command}" in out and "--seed" in out
+    if command != "classifier":
+        assert "--guidance" in out and "--json" in out
 
 
-def test_real_renders_are_clean_shapes(classifier, renders):
-    scores = ev.clean_shape_scores(renders.tensors(), classifier)
-    assert scores.rate >= 0.98
-    assert scores.render_error.median() < 0.02  # the matching render is found almost exactly
-
-
-def test_pure_noise_is_not_a_clean_shape(classifier):
-    noise = torch.randn(200, 3, 32, 32, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
-    assert not ev.is_clean_shape(noise, classifier).any()
-    assert not ev.is_clean_shape(torch.ones(4, 3, 32, 32), classifier).any()  # a blank white image
-
-
-@pytest.mark.parametrize("size", [32, 64])
-def test_blurred_blobs_are_not_clean_shapes(classifier, size):
-    x = Shapes(200, seed=11, size=size, split="all").tensors()
-    blobs = gaussian_blur(x, sigma=2.0 * size / 32)
-    assert ev.is_clean_shape(blobs, classifier).float().mean() <= 0.02
-
-
-def test_two_overlapping_shapes_are_not_clean(classifier):
-    rng = np.random.default_rng(0)
-    pictures = []
-    for position in ("top left", "center", "bottom right", "left"):
-        for under, on_top in ((("circle", "large"), ("cross", "large")), (("square", "large"), ("triangle", "large")),
-                              (("triangle", "large"), ("square", "small"))):
-            a = np.asarray(render("blue", *under, position, size_px=32, jitter_rng=rng)).astype(float)
-            b = np.asarray(render("orange", *on_top, position, size_px=32, jitter_rng=rng)).astype(float)
-            ink = (255 - b).sum(axis=2, keepdims=True) > 30  # where the shape on top has ink
-            pictures.append(to_tensor(to_pil(torch.from_numpy(np.where(ink, b, a)).permute(2, 0, 1) / 127.5 - 1)))
-    assert not ev.is_clean_shape(torch.stack(pictures), classifier).any()
-
-
-def test_two_separate_shapes_are_not_clean(classifier):
-    a = Shapes(200, seed=21, size=32, split="all")
-    b = Shapes(200, seed=22, size=32, split="all")
-    different_cells = a.labels[:, 3] != b.labels[:, 3]
-    pairs = torch.minimum(a.tensors(), b.tensors())[different_cells]  # both shapes, on white
-    assert ev.is_clean_shape(pairs, classifier).float().mean() <= 0.02
-
-
-@pytest.mark.parametrize("t", [150, 300, 500])
-def test_half_denoised_images_are_not_clean(classifier, t):
-    x0 = Shapes(100, seed=5, size=32, split="all").tensors()
-    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(t))
-    x_t = NoiseSchedule.ddpm().q_sample(x0, t, eps).clamp(-1, 1)
-    assert not ev.is_clean_shape(x_t, classifier).any()
-
-
-def test_classify_reads_pil_images_like_tensors(classifier):
-    dataset = Shapes(6, seed=3, size=64, split="all")
-    from_tensor = ev.classify(dataset.tensors(), classifier)
-    from_pil = ev.classify([dataset.pil(i) for i in range(6)], classifier)
-    for head in ev.HEADS:
-        torch.testing.assert_close(from_pil.probs[head], from_tensor.probs[head])
-        torch.testing.assert_close(from_tensor.probs[head].sum(dim=1), torch.ones(6))
-    assert from_pil.names() == [dataset.attributes(i) for i in range(6)]
-    assert len(from_pil) == 6 and from_pil.min_confidence.shape == (6,)
-
-
-def test_faithfulness_table(classifier):
-    dataset = Shapes(40, seed=8, size=32, split="all")
-    truth = [dataset.attributes(i) for i in range(40)]
-    table = ev.faithfulness(dataset.tensors(), truth, classifier)
-    assert all(row["accuracy"] == 1.0 and row["total"] == 40 for row in table.values())
-
-    # Prompts that name only some attributes; half of them ask for the wrong colour.
-    requested = []
-    for i, attrs in enumerate(truth):
-        wrong = ev.COLOUR_NAMES[(ev.COLOUR_NAMES.index(attrs["colour"]) + 1) % 8]
-        requested.append({"colour": wrong if i % 2 else attrs["colour"], "shape": attrs["shape"], "size": None})
-    table = ev.faithfulness(dataset.tensors(), requested, classifier)
-    assert table["colour"] == {"correct": 20, "total": 40, "accuracy": 0.5}
-    assert table["shape"]["accuracy"] == 1.0
-    assert table["size"] == {"correct": 0, "total": 0, "accuracy": None}
-    assert table["position"]["total"] == 0
-    assert table["all"] == {"correct": 20, "total": 40, "accuracy": 0.5}
-    text = ev.format_faithfulness(table, title="test")
-    assert "colour" in text and "50.0%" in text and "100.0%" in text and text.startswith("test")
-
-
-def test_bad_inputs_say_what_was_expected(classifier):
-    with pytest.raises(TypeError, match="127.5"):
-        ev.classify(torch.zeros(1, 3, 32, 32, dtype=torch.uint8), classifier)
-    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
-        ev.classify(torch.full((1, 3, 32, 32), 255.0), classifier)
-    with pytest.raises(ValueError, match="B, 3, H, W"):
-        ev.classify(torch.zeros(2, 32, 32), classifier)
-    with pytest.raises(ValueError, match="one per image"):
-        ev.faithfulness(torch.zeros(2, 3, 32, 32), [{"shape": "circle"}], classifier)
-    with pytest.raises(ValueError, match="Valid"):
-        ev.faithfulness(torch.zeros(1, 3, 32, 32), [{"shape": "hexagon"}], classifier)
-    with pytest.raises(ValueError, match="Unknown attribute keys"):
-        ev.faithfulness(torch.zeros(1, 3, 32, 32), [{"texture": "striped"}], classifier)
-
-
-def test_missing_classifier_names_the_make_target(tmp_path):
-    with pytest.raises(FileNotFoundError, match="make train-classifier"):
-        ev.load_classifier(tmp_path / "nowhere")
-
-
-def test_shipped_classifier_loads_strictly_and_is_small():
-    folder = ev.data_path(ev.DEFAULT_FOLDER)
-    assert sum(f.stat().st_size for f in folder.iterdir()) < 2_000_000
-    model = ev.ShapesClassifier.from_pretrained(folder)  # check_state_dict + strict=True
-    assert set(model.state_dict()) == set(ev.ShapesClassifier(ev.ClassifierConfig()).state_dict())
+def test_python_m_sdlearn_evaluate_help():
+    result = subprocess.run([sys.executable, "-m", "sdlearn.evaluate", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert all(command in result.stdout for command in ("classifier", "ddpm", "text-to-image"))
 
 
 def test_command_line_prints_accuracy_per_head(capsys):
@@ -161,15 +66,37 @@ def test_command_line_prints_accuracy_per_head(capsys):
     assert "64 px" in out and "32 px" in out and "position" in out and "clean-shape rate" in out
 
 
-def test_recipe_trains_and_refuses_to_overwrite(tmp_path, capsys):
-    from sdlearn.recipes import classifier as recipe
+@pytest.fixture
+def tiny_text_to_image(tmp_path):
+    """A random tiny text-to-image pipeline folder (32 x 32 images) whose training.json records guidance 3."""
+    from sdlearn.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from sdlearn.models.unet import UNet, UNetConfig
+    from sdlearn.models.vae import AutoencoderKL, VAEConfig
+    from sdlearn.pipeline import StableDiffusion
 
-    out = tmp_path / "clf"
-    args = ["--out", str(out), "--steps", "3", "--train-images", "64", "--eval-images", "16", "--batch-size", "8"]
-    assert recipe.main(args) == 0
-    model = ev.load_classifier(out)
-    assert ev.classify(torch.zeros(2, 3, 32, 32), model).probs["colour"].shape == (2, 8)
-    weights = (out / "model.safetensors").read_bytes()
-    assert recipe.main(args) == 1  # refuses: the folder holds a classifier
-    assert "--overwrite" in capsys.readouterr().err
-    assert (out / "model.safetensors").read_bytes() == weights
+    torch.manual_seed(0)
+    tokenizer = CLIPTokenizer.from_pretrained(data_path("tokenizers") / "shapes")
+    text_encoder = CLIPTextModel(CLIPTextConfig.tiny(vocab_size=tokenizer.vocab_size))
+    unet = UNet(UNetConfig.tiny(sample_size=4, cross_attention_dim=text_encoder.config.hidden_size))
+    vae = AutoencoderKL(VAEConfig.tiny(sample_size=32))
+    folder = StableDiffusion(unet, vae, text_encoder, tokenizer, SD_DDIM).save_pretrained(tmp_path / "tiny-sd")
+    (folder / "training.json").write_text(json.dumps({"guidance_scale": 3.0}))
+    return folder
+
+
+def test_text_to_image_command_without_guidance_uses_the_recorded_scale(tiny_text_to_image, tmp_path, capsys):
+    """Regression: without --guidance, `python -m sdlearn.evaluate text-to-image` crashed with an
+    UnboundLocalError (main imported a second recommended_guidance, from sdlearn.ddpm, in its ddpm
+    branch, which made the name local to all of main). It must run with the model's recorded scale."""
+    out = tmp_path / "report.json"
+    args = ["text-to-image", "--model", str(tiny_text_to_image), "--n", "2", "--heldout", "1", "--steps", "1"]
+    assert ev.main([*args, "--json", str(out)]) == 0
+    assert "guidance 3)" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["guidance_scale"] == 3.0 and report["n"] == 2 and report["heldout"] == 1
+    row = report["samplers"]["ddim"]
+    assert row["train_pairs"]["colour"]["total"] == 2 and row["held_out"]["colour"]["total"] == 1
+    # A model folder without a record gets the text-to-image default, 4.
+    (tiny_text_to_image / "training.json").unlink()
+    assert ev.main(args) == 0
+    assert "guidance 4)" in capsys.readouterr().out

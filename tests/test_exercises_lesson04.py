@@ -8,7 +8,7 @@ from sdlearn.ddpm import ddpm_loss, null_context
 from sdlearn.exercises import ExerciseError
 from sdlearn.exercises import lesson04
 from sdlearn.samplers import get_sampler, randn
-from sdlearn.schedules import NoiseSchedule
+from sdlearn.diffusion.schedules import NoiseSchedule
 from sdlearn.unet import UNet, UNetConfig
 
 

@@ -5,9 +5,9 @@ import torch
 
 from sdlearn.exercises import ExerciseError
 from sdlearn.exercises import lesson10 as ex
-from sdlearn.pipeline import _timesteps_for_strength
+from sdlearn.pipeline.stable_diffusion import _timesteps_for_strength
 from sdlearn.samplers import get_sampler
-from sdlearn.schedules import NoiseSchedule
+from sdlearn.diffusion.schedules import NoiseSchedule
 
 
 def learner_start(z0, noise, timesteps, strength, schedule):

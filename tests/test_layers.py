@@ -1,4 +1,4 @@
-"""sdlearn.layers against diffusers: timestep sinusoids, TimestepEmbedding, ResnetBlock2D, Down/Upsample2D."""
+"""sdlearn.models.layers against diffusers: timestep sinusoids, TimestepEmbedding, ResnetBlock2D, Down/Upsample2D."""
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ from diffusers.models.embeddings import get_timestep_embedding
 from diffusers.models.resnet import ResnetBlock2D as DiffusersResnetBlock2D
 from diffusers.models.upsampling import Upsample2D as DiffusersUpsample2D
 
-from sdlearn.layers import Downsample2D, ResnetBlock2D, SinusoidalEmbedding, TimestepEmbedding, Upsample2D, timestep_embedding
+from sdlearn.models.layers import Downsample2D, ResnetBlock2D, SinusoidalEmbedding, TimestepEmbedding, Upsample2D, timestep_embedding
 
 TOL = 1e-5
 

@@ -33,7 +33,8 @@ from transformers import CLIPTokenizer as HFCLIPTokenizer
 
 import sdlearn
 from sdlearn.pipeline import SD_SCHEDULER_CONFIG, StableDiffusion, StepRecord, StepRecorder, mask_to_tensor
-from sdlearn.pretrained import load_pipeline
+from sdlearn.widgets import sampling_record_from_steps
+from sdlearn.pipeline import load_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
 SD_VOCAB = REPO / "data" / "tokenizers" / "clip-vit-l14"
@@ -333,7 +334,7 @@ def test_recorded_run_drives_the_denoising_stepper(pipe):
 
     recorder = StepRecorder()
     final = pipe.text_to_image([PROMPT, "a small green cross"], steps=3, seed=17, callback=recorder, output_type="tensor")
-    record = recorder.to_sampling_record(pipe, sampler="ddim")
+    record = sampling_record_from_steps(recorder, pipe, sampler="ddim")
     assert record.timesteps == recorder.timesteps and len(record) == 3
     assert record.x0_pred.shape == record.x_t.shape == (3, 2, 3, 32, 32)  # decoded images
     assert record.eps_pred.shape == (3, 2, 4, 4, 4)  # latent noise

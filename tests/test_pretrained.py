@@ -24,17 +24,10 @@ from diffusers import StableDiffusionPipeline
 from diffusers.loaders import single_file_utils
 from test_pipeline import PROMPT, TOL, build_diffusers_pipeline, load_diffusers
 
-from sdlearn.checkpoint import CheckpointError
+from sdlearn.models.checkpoint import CheckpointError
 from sdlearn.clip import CLIPTextConfig, CLIPTextModel
-from sdlearn.pretrained import (
-    PREFIXES,
-    compvis_name,
-    infer_family,
-    load_pipeline,
-    preset_configs,
-    read_single_file,
-    save_single_file,
-)
+from sdlearn.pipeline.loading import load_pipeline, preset_configs
+from sdlearn.pipeline.single_file import PREFIXES, compvis_name, infer_family, read_single_file, save_single_file
 from sdlearn.unet import UNet, UNetConfig, config_dict_for_diffusers
 from sdlearn.vae import AutoencoderKL, VAEConfig
 
@@ -213,7 +206,7 @@ def test_family_inference_and_the_prediction_type_rule_of_thumb():
 
 
 def test_sd2_tokenizer_pads_with_exclamation_mark():
-    from sdlearn.pretrained import sd_tokenizer
+    from sdlearn.pipeline import sd_tokenizer
 
     sd1, sd2 = sd_tokenizer("sd1"), sd_tokenizer("sd2")
     assert sd2.pad_token == "!" and sd2.pad_token_id == 0
@@ -417,7 +410,7 @@ def test_full_size_folder_gives_diffusers_image(tmp_path, sd2):
 
 def test_lesson_pipeline_falls_back_to_mini_sd_and_says_why(monkeypatch, folder):
     """Lesson 11 without a GPU: mini-SD, with a reason; with device="cpu" the given weights are used."""
-    from sdlearn.pretrained import MODEL_ENV, lesson_pipeline
+    from sdlearn.lessons import MODEL_ENV, lesson_pipeline
 
     monkeypatch.delenv(MODEL_ENV, raising=False)
     if torch.cuda.is_available() or torch.backends.mps.is_available():

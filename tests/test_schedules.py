@@ -1,4 +1,4 @@
-"""sdlearn.schedules against diffusers' DDPMScheduler and against the DDPM equations."""
+"""sdlearn.diffusion.schedules against diffusers' DDPMScheduler and against the DDPM equations."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from sdlearn.schedules import NoiseSchedule, cosine_betas, make_betas
+from sdlearn.diffusion.schedules import NoiseSchedule, cosine_betas, make_betas
 
 SCHEDULES = {
     "linear": dict(beta_start=1e-4, beta_end=0.02, beta_schedule="linear"),

@@ -11,8 +11,8 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from sdlearn.attention import record_attention, use_fused_attention
-from sdlearn.checkpoint import CheckpointError, check_state_dict
+from sdlearn.models.attention import record_attention, use_fused_attention
+from sdlearn.models.checkpoint import CheckpointError, check_state_dict
 from sdlearn.unet import UNet, UNetConfig, config_dict_for_diffusers, skip_connections, trace_shapes
 
 TOL = 1e-4  # fp32 max abs error allowed against diffusers

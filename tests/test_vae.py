@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 
-from sdlearn.checkpoint import CheckpointError
+from sdlearn.models.checkpoint import CheckpointError
 from sdlearn.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
 
 TOL = 1e-4

@@ -9,7 +9,7 @@ from PIL import Image
 
 from sdlearn.plotting import to_pil
 from sdlearn.samplers import get_sampler, sample
-from sdlearn.schedules import NoiseSchedule
+from sdlearn.diffusion.schedules import NoiseSchedule
 from sdlearn.widgets import denoising_stepper, noise_explorer, noise_frames, record_sampling
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"

@@ -5,8 +5,11 @@ checkers live in their own module (`lesson00`, `lesson02`, ...), so a notebook d
 
     from sdlearn.exercises import lesson03 as ex
     ex.check_q_sample(q_sample)
+
+A wrong answer raises ExerciseError (an AssertionError); a blank exercise (still
+`raise NotImplementedError`) raises its subclass NotWrittenYet.
 """
 
-from sdlearn.exercises.core import Case, ExerciseError, Mistake, check_function
+from sdlearn.exercises.core import Case, Exercise, ExerciseError, Mistake, NotWrittenYet, check_function, checker
 
-__all__ = ["Case", "ExerciseError", "Mistake", "check_function"]
+__all__ = ["Case", "Exercise", "ExerciseError", "Mistake", "NotWrittenYet", "check_function", "checker"]

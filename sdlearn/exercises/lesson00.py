@@ -7,7 +7,7 @@ the data should be centred too). The exercise: x in [0, 1] -> 2x - 1.
 
 import torch
 
-from sdlearn.exercises.core import Case, Mistake, check_function
+from sdlearn.exercises.core import Case, Mistake, checker
 
 
 def to_model_range(x: torch.Tensor) -> torch.Tensor:
@@ -28,5 +28,6 @@ MISTAKES = [
 ]
 
 
+@checker(to_model_range, _cases, name="to_model_range", mistakes=MISTAKES)
 def check_to_model_range(fn) -> bool:
-    return check_function(fn, to_model_range, _cases(), name="to_model_range", mistakes=MISTAKES)
+    """fn(x with values in [0, 1]) -> the same tensor with values in [-1, 1]."""

@@ -14,7 +14,7 @@ import math
 import torch
 
 from sdlearn import autoencoder
-from sdlearn.exercises.core import Case, Mistake, check_function
+from sdlearn.exercises.core import Case, Mistake, checker
 
 # ------------------------------------------------------------------------------------------
 # How much smaller is the latent? numbers in the image / numbers in the latent
@@ -52,9 +52,9 @@ COMPRESSION_MISTAKES = [
 ]
 
 
+@checker(compression_factor, COMPRESSION_CASES, name="compression_factor", mistakes=COMPRESSION_MISTAKES)
 def check_compression_factor(fn) -> bool:
     """fn(image_shape, latent_shape) -> how many times fewer numbers the latent holds."""
-    return check_function(fn, compression_factor, COMPRESSION_CASES, name="compression_factor", mistakes=COMPRESSION_MISTAKES)
 
 
 # ------------------------------------------------------------------------------------------
@@ -100,11 +100,9 @@ RECONSTRUCTION_MISTAKES = [
 ]
 
 
+@checker(autoencoder.reconstruction_error, RECONSTRUCTION_CASES, name="reconstruction_error", mistakes=RECONSTRUCTION_MISTAKES)
 def check_reconstruction_error(fn) -> bool:
     """fn(x, x_recon) -> scalar: squared errors summed over each image, averaged over the batch."""
-    return check_function(
-        fn, autoencoder.reconstruction_error, RECONSTRUCTION_CASES, name="reconstruction_error", mistakes=RECONSTRUCTION_MISTAKES
-    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -158,6 +156,6 @@ PSNR_MISTAKES = [
 ]
 
 
+@checker(autoencoder.psnr, PSNR_CASES, name="psnr", mistakes=PSNR_MISTAKES, atol=1e-4, rtol=1e-5)
 def check_psnr(fn) -> bool:
     """fn(a, b) -> mean over the batch of each image's PSNR in dB, images in [-1, 1]."""
-    return check_function(fn, autoencoder.psnr, PSNR_CASES, name="psnr", mistakes=PSNR_MISTAKES, atol=1e-4, rtol=1e-5)

@@ -12,7 +12,7 @@ wrong variants below are the mistakes people make most often with these three fo
 import torch
 
 from sdlearn import autoencoder
-from sdlearn.exercises.core import Case, Mistake, check_function
+from sdlearn.exercises.core import Case, Mistake, checker
 
 
 def _gaussians(seed: int, batch: int, dim: int) -> tuple:
@@ -51,9 +51,9 @@ REPARAMETERISE_MISTAKES = [
 ]
 
 
+@checker(autoencoder.reparameterise, _reparameterise_cases, name="reparameterise", mistakes=REPARAMETERISE_MISTAKES)
 def check_reparameterise(fn) -> bool:
     """fn(mu, logvar, eps) -> z = mu + exp(logvar / 2) * eps, all (B, d)."""
-    return check_function(fn, autoencoder.reparameterise, _reparameterise_cases(), name="reparameterise", mistakes=REPARAMETERISE_MISTAKES)
 
 
 # ------------------------------------------------------------------------------------------
@@ -87,9 +87,9 @@ KL_MISTAKES = [
 ]
 
 
+@checker(autoencoder.kl_divergence, KL_CASES, name="kl_divergence", mistakes=KL_MISTAKES)
 def check_kl_divergence(fn) -> bool:
     """fn(mu, logvar) -> scalar: KL summed over the latent dimensions, averaged over the batch."""
-    return check_function(fn, autoencoder.kl_divergence, KL_CASES, name="kl_divergence", mistakes=KL_MISTAKES)
 
 
 # ------------------------------------------------------------------------------------------
@@ -133,6 +133,6 @@ ELBO_MISTAKES = [
 ]
 
 
+@checker(autoencoder.elbo_loss, _elbo_cases, name="elbo_loss", mistakes=ELBO_MISTAKES, atol=1e-4)
 def check_elbo_loss(fn) -> bool:
     """fn(x, x_recon, mu, logvar, beta) -> scalar: per-image sum of squared errors + beta * KL, averaged over the batch."""
-    return check_function(fn, autoencoder.elbo_loss, _elbo_cases(), name="elbo_loss", mistakes=ELBO_MISTAKES, atol=1e-4)

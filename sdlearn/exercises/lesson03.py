@@ -6,14 +6,14 @@
     x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps        (DDPM eq. 4)
 
 x0 and eps are (B, C, H, W), t is a LongTensor (B,) of 0-based timesteps (one per image),
-and `schedule` is a `sdlearn.schedules.NoiseSchedule` with `.beta`, `.alpha`, `.alpha_bar`,
+and `schedule` is a `sdlearn.diffusion.schedules.NoiseSchedule` with `.beta`, `.alpha`, `.alpha_bar`,
 each a (T,) tensor.
 """
 
 import torch
 
-from sdlearn.exercises.core import Case, Mistake, check_function
-from sdlearn.schedules import NoiseSchedule
+from sdlearn.exercises.core import Case, Mistake, checker
+from sdlearn.diffusion.schedules import NoiseSchedule
 
 
 def _per_image(values: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -94,6 +94,6 @@ def _cases() -> list:
     return cases
 
 
+@checker(reference_q_sample, _cases, name="q_sample", mistakes=Q_SAMPLE_MISTAKES)
 def check_q_sample(fn) -> bool:
     """fn(x0 (B, C, H, W), t (B,) long, eps (B, C, H, W), schedule) -> x_t (B, C, H, W)."""
-    return check_function(fn, reference_q_sample, _cases(), name="q_sample", mistakes=Q_SAMPLE_MISTAKES)

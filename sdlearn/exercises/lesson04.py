@@ -10,7 +10,7 @@
        loss = mean of (eps - eps_model(x_t, t))^2                        (eq. 14)
 
    x0 and eps are (B, C, H, W), t a LongTensor (B,) of 0-based timesteps, eps_model(x, t)
-   returns the predicted noise (B, C, H, W), `schedule` a sdlearn.schedules.NoiseSchedule.
+   returns the predicted noise (B, C, H, W), `schedule` a sdlearn.diffusion.schedules.NoiseSchedule.
 
 2. One reverse step (eq. 11, Algorithm 2 line 4), t an int for the whole batch:
 
@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdlearn.exercises.core import Case, Mistake, check_function
-from sdlearn.schedules import NoiseSchedule
+from sdlearn.exercises.core import Case, Mistake, checker
+from sdlearn.diffusion.schedules import NoiseSchedule
 
 
 class ToyEpsModel(nn.Module):
@@ -120,9 +120,9 @@ def _loss_cases() -> list:
     return cases
 
 
+@checker(reference_training_loss, _loss_cases, name="training_loss", mistakes=LOSS_MISTAKES)
 def check_training_loss(fn) -> bool:
     """fn(eps_model, x0 (B, C, H, W), t (B,) long, eps (B, C, H, W), schedule) -> scalar tensor."""
-    return check_function(fn, reference_training_loss, _loss_cases(), name="training_loss", mistakes=LOSS_MISTAKES)
 
 
 # 2. One reverse step ---------------------------------------------------------------------
@@ -192,6 +192,6 @@ def _step_cases() -> list:
     return cases
 
 
+@checker(reference_reverse_step, _step_cases, name="reverse_step", mistakes=STEP_MISTAKES, atol=1e-4, rtol=1e-4)
 def check_reverse_step(fn) -> bool:
     """fn(x_t (B, C, H, W), eps_pred (B, C, H, W), t int, schedule, z (B, C, H, W)) -> x_{t-1}."""
-    return check_function(fn, reference_reverse_step, _step_cases(), name="reverse_step", mistakes=STEP_MISTAKES, atol=1e-4, rtol=1e-4)

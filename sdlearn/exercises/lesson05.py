@@ -7,14 +7,14 @@
     x_prev  = sqrt(alpha_bar_prev) x0_pred + sqrt(1 - alpha_bar_prev) eps       (eq. 12 with sigma = 0)
 
 x_t and eps are (B, C, H, W); t > t_prev >= 0 are integer timesteps (the same for the whole
-batch); `schedule` is a `sdlearn.schedules.NoiseSchedule` (.beta, .alpha, .alpha_bar).
+batch); `schedule` is a `sdlearn.diffusion.schedules.NoiseSchedule` (.beta, .alpha, .alpha_bar).
 This is exactly what `sdlearn.samplers.DDIMSampler.step` computes with eta = 0.
 """
 
 import torch
 
-from sdlearn.exercises.core import Case, Mistake, check_function
-from sdlearn.schedules import NoiseSchedule
+from sdlearn.exercises.core import Case, Mistake, checker
+from sdlearn.diffusion.schedules import NoiseSchedule
 
 
 def reference_ddim_step(x_t, eps, t, t_prev, schedule):
@@ -87,6 +87,6 @@ def _cases() -> list:
     return cases
 
 
+@checker(reference_ddim_step, _cases, name="ddim_step", mistakes=DDIM_MISTAKES, atol=1e-4, rtol=1e-4)
 def check_ddim_step(fn) -> bool:
     """fn(x_t (B, C, H, W), eps (B, C, H, W), t int, t_prev int, schedule) -> x_prev (B, C, H, W)."""
-    return check_function(fn, reference_ddim_step, _cases(), name="ddim_step", mistakes=DDIM_MISTAKES, atol=1e-4, rtol=1e-4)

@@ -7,8 +7,8 @@
 
 import torch
 
-from sdlearn.attention import attention_written_out, split_heads
-from sdlearn.exercises.core import Case, Mistake, check_function
+from sdlearn.models.attention import attention_written_out, split_heads
+from sdlearn.exercises.core import Case, Mistake, checker
 
 
 def _inputs(seed, *shapes):
@@ -61,16 +61,17 @@ ATTENTION_MISTAKES = [
 ]
 
 # The first case has as many keys as channels (L_k = d = 8) so that multiplying by V
-# transposed still runs and can be recognised; the second has different lengths.
+# transposed still runs and can be recognised; the second has different lengths, where that
+# variant cannot run at all (check_function skips a wrong variant that raises on a case).
 ATTENTION_CASES = [
     Case(*_inputs(0, (2, 2, 5, 8), (2, 2, 8, 8), (2, 2, 8, 8))),
     Case(*_inputs(1, (1, 3, 4, 16), (1, 3, 6, 16), (1, 3, 6, 16))),
 ]
 
 
+@checker(reference_attention, ATTENTION_CASES, name="attention", mistakes=ATTENTION_MISTAKES)
 def check_attention(fn) -> bool:
     """fn(q (B, heads, L_q, d), k (B, heads, L_k, d), v (B, heads, L_k, d)) -> (B, heads, L_q, d)."""
-    return check_function(fn, reference_attention, ATTENTION_CASES, name="attention", mistakes=ATTENTION_MISTAKES)
 
 
 # 2. Splitting heads ------------------------------------------------------------------------------
@@ -113,6 +114,6 @@ SPLIT_MISTAKES = [
 SPLIT_CASES = [Case(*_inputs(2, (2, 5, 12)), 3), Case(*_inputs(3, (1, 7, 16)), 4)]
 
 
+@checker(reference_split_heads, SPLIT_CASES, name="split_heads", mistakes=SPLIT_MISTAKES, atol=0, rtol=0)
 def check_split_heads(fn) -> bool:
     """fn(x (B, L, heads * d), heads) -> (B, heads, L, d)."""
-    return check_function(fn, reference_split_heads, SPLIT_CASES, name="split_heads", mistakes=SPLIT_MISTAKES, atol=0, rtol=0)

@@ -10,8 +10,8 @@ import math
 
 import torch
 
-from sdlearn.exercises.core import Case, Mistake, check_function
-from sdlearn.layers import timestep_embedding
+from sdlearn.exercises.core import Case, Mistake, checker
+from sdlearn.models.layers import timestep_embedding
 
 # 1. Sinusoidal timestep embedding ----------------------------------------------------------------
 
@@ -71,11 +71,9 @@ EMBEDDING_MISTAKES = [
 EMBEDDING_CASES = [Case(torch.tensor([0, 1, 10, 500, 999]), 16), Case(torch.tensor([3, 261]), 320)]
 
 
+@checker(reference_timestep_embedding, EMBEDDING_CASES, name="timestep_embedding", mistakes=EMBEDDING_MISTAKES, atol=1e-4, rtol=1e-4)
 def check_timestep_embedding(fn) -> bool:
     """fn(t (B,) integer tensor, dim) -> (B, dim) float tensor."""
-    return check_function(
-        fn, reference_timestep_embedding, EMBEDDING_CASES, name="timestep_embedding", mistakes=EMBEDDING_MISTAKES, atol=1e-4, rtol=1e-4
-    )
 
 
 # 2. Shapes per level -------------------------------------------------------------------------------
@@ -110,9 +108,9 @@ LEVEL_MISTAKES = [
 LEVEL_CASES = [Case((320, 640, 1280, 1280), 64, 64), Case((32, 64), 16, 24), Case((128, 256, 256), 96, 64)]
 
 
+@checker(reference_level_shapes, LEVEL_CASES, name="level_shapes", mistakes=LEVEL_MISTAKES)
 def check_level_shapes(fn) -> bool:
     """fn(block_out_channels, height, width) -> list of (channels, height, width), one per level."""
-    return check_function(fn, reference_level_shapes, LEVEL_CASES, name="level_shapes", mistakes=LEVEL_MISTAKES)
 
 
 # 3. Skip connections -------------------------------------------------------------------------------
@@ -152,6 +150,6 @@ SKIP_MISTAKES = [
 SKIP_CASES = [Case(4, 2), Case(2, 1), Case(3, 3)]
 
 
+@checker(reference_skip_count, SKIP_CASES, name="skip_count", mistakes=SKIP_MISTAKES, atol=0, rtol=0)
 def check_skip_count(fn) -> bool:
     """fn(levels, layers_per_block) -> int, the number of skip tensors the down path keeps."""
-    return check_function(fn, reference_skip_count, SKIP_CASES, name="skip_count", mistakes=SKIP_MISTAKES, atol=0, rtol=0)

@@ -11,8 +11,8 @@ mean of the cross-entropy over rows (image -> text) and over columns (text -> im
 import torch
 import torch.nn.functional as F
 
-from sdlearn.clip import contrastive_loss
-from sdlearn.exercises.core import Case, Mistake, check_function
+from sdlearn.models.clip import contrastive_loss
+from sdlearn.exercises.core import Case, Mistake, checker
 
 
 def reference_contrastive_loss(image_emb, text_emb, logit_scale):
@@ -91,6 +91,6 @@ def _case(seed, n, dim, scale):
 CASES = [_case(0, 6, 8, 2.0), _case(1, 5, 16, 2.6592)]
 
 
+@checker(reference_contrastive_loss, CASES, name="contrastive_loss", mistakes=MISTAKES)
 def check_contrastive_loss(fn) -> bool:
     """fn(image_emb (N, E), text_emb (N, E), logit_scale (a 0-d tensor)) -> scalar tensor."""
-    return check_function(fn, reference_contrastive_loss, CASES, name="contrastive_loss", mistakes=MISTAKES)

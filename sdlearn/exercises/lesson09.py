@@ -21,7 +21,7 @@ the unconditional (or negative-prompt) prediction. One iteration of Stable Diffu
 
 import torch
 
-from sdlearn.exercises.core import Case, Mistake, check_function
+from sdlearn.exercises.core import Case, Mistake, checker
 
 
 def reference_guidance(eps_uncond, eps_cond, scale):
@@ -49,9 +49,9 @@ def _guidance_cases() -> list:
     return [Case(torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g), s) for s in (7.5, 2.0, 0.0)]
 
 
+@checker(reference_guidance, _guidance_cases, name="guidance", mistakes=GUIDANCE_MISTAKES)
 def check_guidance(fn) -> bool:
     """fn(eps_uncond (B, 4, h, w), eps_cond (B, 4, h, w), scale float) -> the guided prediction (B, 4, h, w)."""
-    return check_function(fn, reference_guidance, _guidance_cases(), name="guidance", mistakes=GUIDANCE_MISTAKES)
 
 
 # ------------------------------------------------------------------------------------------
@@ -101,8 +101,8 @@ LOOP_MISTAKES = [
 
 
 def _loop_cases() -> list:
-    from sdlearn.samplers import get_sampler
-    from sdlearn.unet import UNet, UNetConfig
+    from sdlearn.diffusion.scheduler_configs import get_sampler
+    from sdlearn.models.unet import UNet, UNetConfig
 
     torch.manual_seed(0)
     unet = UNet(UNetConfig.tiny()).eval()
@@ -120,8 +120,6 @@ def _loop_cases() -> list:
     return cases
 
 
+@checker(reference_loop_step, _loop_cases, name="loop_step", mistakes=LOOP_MISTAKES, atol=1e-5, rtol=1e-5, no_grad=True)
 def check_loop_step(fn) -> bool:
     """fn(unet, sampler, latents (B, 4, h, w), t, cond (B, 77, D), uncond (B, 77, D), scale) -> the next latents."""
-    with torch.no_grad():
-        return check_function(fn, reference_loop_step, _loop_cases(), name="loop_step", mistakes=LOOP_MISTAKES,
-                              atol=1e-5, rtol=1e-5)

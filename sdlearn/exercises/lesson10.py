@@ -18,8 +18,8 @@ with an ordinary UNet: after every step, keep the model's latents where the mask
 
 import torch
 
-from sdlearn.exercises.core import Case, Mistake, check_function
-from sdlearn.schedules import NoiseSchedule
+from sdlearn.exercises.core import Case, Mistake, checker
+from sdlearn.diffusion.schedules import NoiseSchedule
 
 
 def _noised(z0, noise, t, schedule):
@@ -85,10 +85,9 @@ def _strength_cases() -> list:
     return cases
 
 
+@checker(reference_strength_start, _strength_cases, name="strength_start", mistakes=STRENGTH_MISTAKES, atol=1e-5, rtol=1e-5)
 def check_strength_start(fn) -> bool:
     """fn(z0, noise (B, 4, h, w), timesteps (n,), strength float, schedule) -> (kept timesteps, z_start)."""
-    return check_function(fn, reference_strength_start, _strength_cases(), name="strength_start",
-                          mistakes=STRENGTH_MISTAKES, atol=1e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------
@@ -121,6 +120,6 @@ def _blend_cases() -> list:
     return cases
 
 
+@checker(reference_inpaint_blend, _blend_cases, name="inpaint_blend", mistakes=BLEND_MISTAKES)
 def check_inpaint_blend(fn) -> bool:
     """fn(latents (B, 4, h, w), known (B, 4, h, w), mask (B, 1, h, w) of 0/1) -> the blended latents."""
-    return check_function(fn, reference_inpaint_blend, _blend_cases(), name="inpaint_blend", mistakes=BLEND_MISTAKES)

@@ -26,7 +26,7 @@ import torch
 
 from sdlearn.datasets import Shapes
 from sdlearn.doctor import cpu_name
-from sdlearn.evaluate import EVAL_SEED, HEADS, ClassifierConfig, ShapesClassifier, render_accuracy
+from sdlearn.referee import EVAL_SEED, HEADS, ClassifierConfig, ShapesClassifier, render_accuracy
 from sdlearn.train import train
 
 MAX_NOISE = 0.06  # largest std of the pixel noise added in training ([-1, 1] scale)

@@ -109,7 +109,7 @@ from sdlearn.ddpm import (BETA_RANGES, IMAGE_SIZE, MIN_SNR_GAMMA, PREDICTION_TYP
 from sdlearn.doctor import cpu_name
 from sdlearn.recipes import prepare_work_folder, work_folder  # noqa: F401 (work_folder: callers ask the recipe)
 from sdlearn.train import PRECISIONS, EMALoss, EMATrainee, resolve_precision, train
-from sdlearn.unet import UNet
+from sdlearn.models.unet import UNet
 
 STEPS = 4300  # the shipped model's training length (data/ddpm-shapes/training.json has its time)
 TIMESTEP_SAMPLING = ("importance", "uniform")
@@ -219,7 +219,8 @@ def train_ddpm(out, steps: int = STEPS, batch_size: int = 32, lr: float = 2e-3, 
 
 def measure_end_of_run(unet: UNet, config: dict, n: int, conditional: bool, guidance_scales, grid_path: Path) -> dict:
     """Clean-shape rates of n DDIM-50 samples (per guidance scale when conditional); saves a grid of the best."""
-    from sdlearn.evaluate import EVAL_PROMPT_SEED, attribute_set, is_clean_shape
+    from sdlearn.evaluate import EVAL_PROMPT_SEED, attribute_set
+    from sdlearn.referee import is_clean_shape
     from sdlearn.plotting import image_grid
 
     def measure(**kwargs) -> tuple:

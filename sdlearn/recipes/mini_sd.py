@@ -61,17 +61,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sdlearn.clip import CLIPTextModel, CLIPTokenizer, train_tiny_clip
+from sdlearn.models.clip import CLIPTextModel, CLIPTokenizer
+from sdlearn.recipes.clip import train_tiny_clip
 from sdlearn.datasets import Shapes, data_dir, to_model_range
 from sdlearn.doctor import cpu_name
-from sdlearn.pipeline import StableDiffusion
+from sdlearn.pipeline.stable_diffusion import StableDiffusion
 from sdlearn.plotting import image_grid
-from sdlearn.schedules import NoiseSchedule
+from sdlearn.diffusion.schedules import NoiseSchedule
 from sdlearn.ddpm import DiffusionLoss
 from sdlearn.recipes import prepare_work_folder, work_folder  # noqa: F401 (work_folder: callers ask the recipe)
 from sdlearn.train import EMALoss, EMATrainee, train
-from sdlearn.unet import UNet, UNetConfig
-from sdlearn.vae import AutoencoderKL
+from sdlearn.models.unet import UNet, UNetConfig
+from sdlearn.models.vae import AutoencoderKL
 
 # Stable Diffusion's training schedule, written for diffusers' DDIMScheduler (the sampler the
 # evaluation uses); every sdlearn sampler reads the same keys.
@@ -128,7 +129,7 @@ class MiniSDConfig:
     batch_size: int = 48
     lr: float = 2e-3
     prediction_type: str = "v_prediction"  # or "epsilon" (SD 1.x); v as SD 2.x 768-v (see sdlearn.ddpm)
-    min_snr_gamma: float | None = 5.0  # Min-SNR-gamma loss weights (sdlearn.schedules); None: DDPM's plain MSE
+    min_snr_gamma: float | None = 5.0  # Min-SNR-gamma loss weights (sdlearn.diffusion.schedules); None: DDPM's plain MSE
     ema_decay: float | None = 0.999  # keep an exponential moving average of the UNet and ship it
     sample_every: int = 500
     guidance_scales: tuple = (2.0, 3.0, 4.0, 6.0)  # tried at the end; the best is recorded in training.json
@@ -348,7 +349,8 @@ def choose_guidance(pipe: StableDiffusion, scales, n: int, steps: int = 25) -> d
     The prompts are scenes of their own seed, not those of `python -m sdlearn.evaluate`, so
     the reported evaluation does not grade the same prompts the scale was chosen on.
     """
-    from sdlearn.evaluate import EVAL_PROMPT_SEED, faithfulness, generate, prompt_set
+    from sdlearn.evaluate import EVAL_PROMPT_SEED, generate, prompt_set
+    from sdlearn.referee import faithfulness
 
     prompts, requested = prompt_set(n, "train", seed=EVAL_PROMPT_SEED + 7)
     return {float(s): faithfulness(generate(pipe, prompts, "ddim", steps, s), requested)["all"]["accuracy"] for s in scales}

@@ -59,7 +59,7 @@ import torch
 from sdlearn.autoencoder import latent_scaling_factor, psnr
 from sdlearn.datasets import Shapes
 from sdlearn.train import train
-from sdlearn.vae import AutoencoderKL, VAEConfig
+from sdlearn.models.vae import AutoencoderKL, VAEConfig
 
 STATE_NAME = "train_state.pt"  # the resumable training checkpoint, removed after a finished run
 OUTPUT_NAMES = ("config.json", "diffusion_pytorch_model.safetensors", "training.json", STATE_NAME)
@@ -166,7 +166,7 @@ def referee_on_reconstructions(model: AutoencoderKL, n: int = 200) -> dict:
     Whatever a latent diffusion model draws passes through this decoder, so this is the
     ceiling of its faithfulness. {"train_pairs": ..., "held_out": ...}, on fresh scenes.
     """
-    from sdlearn.evaluate import faithfulness  # the referee is only needed for this measurement
+    from sdlearn.referee import faithfulness  # the referee is only needed for this measurement
 
     scores = {}
     for name, split in (("train_pairs", "train"), ("held_out", "test")):

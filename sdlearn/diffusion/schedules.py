@@ -77,11 +77,50 @@ Lu et al. 2022, DPM-Solver (arXiv:2206.00927); diffusers schedulers/scheduling_d
 """
 
 import math
+from typing import NamedTuple
 
 import torch
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # what a network outputs: the noise eps, or v (section 4)
 _ALIASES = {"cosine": "squaredcos_cap_v2"}
+
+
+# 0. Reading a network output: eps or v -> x0 (used by NoiseSchedule below and every sampler) --
+
+
+class Prediction(NamedTuple):
+    """A model output read both ways: x0_pred and eps_pred, each shaped like the sample (B, C, H, W)."""
+
+    x0: torch.Tensor
+    eps: torch.Tensor
+
+
+def x0_eps_from_output(model_output, x, alpha, sigma, prediction_type: str, norm2=1) -> Prediction:
+    """Read a network output both ways, (x0_pred, eps_pred), given the sample x = alpha x0 + sigma eps.
+
+    The one place where eps or v becomes a clean-image prediction: the samplers call it, and so do
+    NoiseSchedule's x0_from_eps, x0_from_v and eps_from_v below. On the model-input
+    scale, alpha = sqrt(alpha_bar_t), sigma = sqrt(1 - alpha_bar_t):
+
+        epsilon:       eps_pred = model_output,  x0_pred = (x - sigma eps_pred) / alpha
+        v_prediction:  x0_pred  = alpha x - sigma v,  eps_pred = alpha v + sigma x
+                       (v = alpha eps - sigma x0, Salimans & Ho 2022, section 4)
+
+    The epsilon formulas hold on any scale, e.g. Euler's x = x0 + sigma eps (alpha = 1). v lives
+    on the scale the network saw, x_in = x / sqrt(norm2) with norm2 = alpha^2 + sigma^2 (given,
+    not computed: in float32 it is 1 only up to rounding), where x0_pred = alpha x / norm2 -
+    sigma / sqrt(norm2) v. Shapes: model_output, x (B, C, H, W); alpha, sigma, norm2 numbers or
+    tensors that broadcast. The arithmetic is diffusers', so the samplers match it bit for bit.
+    """
+    if prediction_type == "epsilon":
+        return Prediction((x - sigma * model_output) / alpha, model_output)
+    if prediction_type == "v_prediction":
+        norm = norm2**0.5
+        x0_pred = alpha * x / norm2 - sigma / norm * model_output  # alpha x - sigma v when norm2 = 1
+        eps_pred = alpha / norm * model_output + sigma * x / norm2  # alpha v + sigma x when norm2 = 1
+        return Prediction(x0_pred, eps_pred)
+    raise ValueError(f"prediction_type must be one of {list(PREDICTION_TYPES)}, got {prediction_type!r}.")
 
 
 # 1. Beta schedules ---------------------------------------------------------------------
@@ -343,7 +382,7 @@ class NoiseSchedule:
 
     def x0_from_eps(self, xt: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
         alpha_bar_t = self.at(self.alpha_bar, t, xt)
-        return (xt - (1 - alpha_bar_t) ** 0.5 * eps) / alpha_bar_t**0.5
+        return x0_eps_from_output(eps, xt, alpha_bar_t**0.5, (1 - alpha_bar_t) ** 0.5, "epsilon").x0
 
     def eps_from_x0(self, xt: torch.Tensor, x0: torch.Tensor, t) -> torch.Tensor:
         alpha_bar_t = self.at(self.alpha_bar, t, xt)
@@ -351,11 +390,11 @@ class NoiseSchedule:
 
     def x0_from_v(self, xt: torch.Tensor, v: torch.Tensor, t) -> torch.Tensor:
         alpha_bar_t = self.at(self.alpha_bar, t, xt)
-        return alpha_bar_t**0.5 * xt - (1 - alpha_bar_t) ** 0.5 * v
+        return x0_eps_from_output(v, xt, alpha_bar_t**0.5, (1 - alpha_bar_t) ** 0.5, "v_prediction").x0
 
     def eps_from_v(self, xt: torch.Tensor, v: torch.Tensor, t) -> torch.Tensor:
         alpha_bar_t = self.at(self.alpha_bar, t, xt)
-        return alpha_bar_t**0.5 * v + (1 - alpha_bar_t) ** 0.5 * xt
+        return x0_eps_from_output(v, xt, alpha_bar_t**0.5, (1 - alpha_bar_t) ** 0.5, "v_prediction").eps
 
     def v_from_eps(self, xt: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
         return self.v_target(self.x0_from_eps(xt, eps, t), eps, t)

@@ -3,7 +3,7 @@
 Stable Diffusion (Rombach et al. 2022) is four parts and one loop. The tokenizer and the
 CLIP text encoder turn a prompt into vectors c; the UNet eps_theta(z_t, t, c) predicts the
 noise in a noisy latent z_t; a sampler takes a step from z_t towards less noise; the
-autoencoder turns the final latent into pixels. Notation as in sdlearn.schedules
+autoencoder turns the final latent into pixels. Notation as in sdlearn.diffusion.schedules
 (alpha_bar_t, sigma_t, eps), with z for latents and s for the guidance scale:
 
     1. text      c     = CLIPTextModel(tokenize(prompt))                      (B, 77, D)
@@ -60,34 +60,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from sdlearn.clip import CLIPTextModel, CLIPTokenizer
-from sdlearn.plotting import to_pil
-from sdlearn.samplers import SAMPLER_NAMES, SAMPLERS, get_sampler, randn
-from sdlearn.unet import UNet
-from sdlearn.vae import AutoencoderKL
-
-# Stable Diffusion 1.5's scheduler/scheduler_config.json: the training noise schedule, and
-# PLMS as the default sampler. Used when a pipeline is built without a scheduler config.
-SD_SCHEDULER_CONFIG = {
-    "_class_name": "PNDMScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-    "clip_sample": False,
-}
-
-# diffusers scheduler class -> sdlearn sampler name (the folder's scheduler is the default sampler)
-SAMPLER_FOR_SCHEDULER = {cls.diffusers_class: name for name, cls in SAMPLERS.items()}
+from sdlearn.diffusion.guidance import classifier_free_guidance
+from sdlearn.models.clip import CLIPTextModel, CLIPTokenizer
+from sdlearn.pipeline.images import image_to_tensor, mask_to_tensor, to_pil  # noqa: F401 (mask_to_tensor: public here too)
+from sdlearn.diffusion.samplers import SAMPLER_NAMES
+from sdlearn.diffusion.scheduler_configs import SAMPLER_FOR_SCHEDULER, SD_SCHEDULER_CONFIG, get_sampler
+from sdlearn.models.noise import randn
+from sdlearn.models.unet import UNet
+from sdlearn.models.vae import AutoencoderKL
 
 OUTPUT_TYPES = ("pil", "tensor", "latent")
 
@@ -152,96 +135,26 @@ class StepRecorder:
             raise ValueError(f"{field} was not recorded: the run used guidance_scale <= 1 (no unconditional branch).")
         return torch.stack(values)
 
-    def to_sampling_record(self, pipe: "StableDiffusion | None" = None, sampler: str = "", keep: int = 4):
-        """The run as a `sdlearn.widgets.SamplingRecord`, for `denoising_stepper`.
-
-        With `pipe`, the latents after each step and the x0 predictions are decoded to images
-        by its VAE (keep images of the batch, one VAE call per step); without it the stepper
-        shows the first three latent channels. The noise panel shows the guided eps.
-        """
-        from sdlearn.widgets import SamplingRecord  # imported here: widgets pull in ipywidgets
-
-        latents, x0_pred, eps = (self.stack(name)[:, :keep] for name in ("latents", "x0_pred", "eps"))  # (steps, B, 4, h, w)
-        if pipe is not None:
-            latents, x0_pred = (
-                torch.stack([pipe.decode_latents(z.to(pipe.device)).float().cpu() for z in frames])  # (steps, B, 3, H, W)
-                for frames in (latents, x0_pred)
-            )
-        return SamplingRecord(sampler, self.timesteps, latents, x0_pred, eps, final=latents[-1])
-
 
 # ------------------------------------------------------------------------------------------
-# Images and masks in, images out
+# What every generation method prepares before the loop
 # ------------------------------------------------------------------------------------------
 
 
-def _as_list(x) -> list:
-    return list(x) if isinstance(x, (list, tuple)) else [x]
+@dataclass(frozen=True)
+class _Run:
+    """One generation call, checked and ready for the loop (built by StableDiffusion._prepare)."""
 
-
-def image_to_tensor(image, height: int | None = None, width: int | None = None) -> torch.Tensor:
-    """PIL image(s) or a tensor in [-1, 1] -> (B, 3, H, W) float tensor in [-1, 1].
-
-    PIL images are resized to (height, width) with Lanczos filtering when those are given
-    and differ (as diffusers does); tensors must already have the requested size.
-    """
-    if isinstance(image, torch.Tensor):
-        x = image[None] if image.ndim == 3 else image
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"Expected an image tensor (3, H, W) or (B, 3, H, W) in [-1, 1], got shape {tuple(image.shape)}.")
-        if not x.is_floating_point():
-            raise ValueError(f"Expected a float image tensor in [-1, 1], got dtype {x.dtype}. For uint8 pixels use x / 127.5 - 1.")
-        if x.min() < -1.001 or x.max() > 1.001:
-            raise ValueError(
-                f"Image tensors must lie in [-1, 1] (sdlearn's convention), got values in [{x.min():.3g}, {x.max():.3g}]. "
-                "For an image in [0, 1] pass 2 * x - 1."
-            )
-        H, W = x.shape[-2:]
-        if (height is not None and height != H) or (width is not None and width != W):
-            raise ValueError(f"The image tensor is {H}x{W} (HxW) but height x width = {height}x{width} was asked; resize it first.")
-        return x
-    images = _as_list(image)
-    if not images or not all(isinstance(im, Image.Image) for im in images):
-        raise TypeError(f"Expected a PIL image, a list of PIL images or a tensor in [-1, 1], got {type(image).__name__}.")
-    tensors = []
-    for im in images:
-        if (height is not None and height != im.height) or (width is not None and width != im.width):
-            im = im.resize((width or im.width, height or im.height), resample=Image.LANCZOS)
-        pixels = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3) in [0, 1]
-        tensors.append(torch.from_numpy(pixels).permute(2, 0, 1) * 2.0 - 1.0)  # (3, H, W) in [-1, 1]
-    if len({t.shape for t in tensors}) > 1:
-        raise ValueError(f"All images must have the same size, got {sorted({tuple(t.shape[1:]) for t in tensors})}.")
-    return torch.stack(tensors)
-
-
-def mask_to_tensor(mask, height: int | None = None, width: int | None = None) -> torch.Tensor:
-    """PIL mask(s) or a tensor in [0, 1] -> (B, 1, H, W) of 0 (keep) and 1 (repaint).
-
-    White (>= 0.5) means repaint, black means keep, as in diffusers. PIL masks are resized
-    like images, converted to greyscale, then thresholded at 0.5.
-    """
-    if isinstance(mask, torch.Tensor):
-        m = mask.float()
-        if m.ndim == 2:
-            m = m[None, None]
-        elif m.ndim == 3:
-            m = m[:, None] if m.shape[0] != 1 else m[None]
-        if m.ndim != 4 or m.shape[1] != 1:
-            raise ValueError(f"Expected a mask tensor (H, W), (1, H, W) or (B, 1, H, W) in [0, 1], got shape {tuple(mask.shape)}.")
-        H, W = m.shape[-2:]
-        if (height is not None and height != H) or (width is not None and width != W):
-            raise ValueError(f"The mask tensor is {H}x{W} (HxW) but height x width = {height}x{width} was asked; resize it first.")
-    else:
-        masks = _as_list(mask)
-        if not masks or not all(isinstance(im, Image.Image) for im in masks):
-            raise TypeError(f"Expected a PIL mask, a list of PIL masks or a tensor in [0, 1], got {type(mask).__name__}.")
-        tensors = []
-        for im in masks:
-            if (height is not None and height != im.height) or (width is not None and width != im.width):
-                im = im.resize((width or im.width, height or im.height), resample=Image.LANCZOS)
-            tensors.append(torch.from_numpy(np.asarray(im.convert("L"), dtype=np.float32) / 255.0)[None])  # (1, H, W)
-        m = torch.stack(tensors)
-    return (m >= 0.5).to(torch.float32)  # binary: repaint where 1
+    batch: int  # B = prompts x num_images_per_prompt
+    cond: torch.Tensor  # text embeddings of the prompts, one row per output       (B, 77, D)
+    uncond: torch.Tensor | None  # of the negative / empty prompts; None without guidance (s <= 1)
+    sampler: object  # a fresh sampler, set_timesteps(steps) done
+    timesteps: torch.Tensor  # the ones to run, most noise first (fewer than steps when strength < 1)
+    generator: torch.Generator | None
+    guidance_scale: float
+    callback: Callable | None
+    progress: bool
+    output_type: str  # "pil", "tensor" or "latent"
 
 
 # ------------------------------------------------------------------------------------------
@@ -394,18 +307,28 @@ class StableDiffusion:
         guidance_scale: float = 7.5,
         generator: torch.Generator | None = None,
         callback: Callable | None = None,
-        inpaint: dict | None = None,
         progress: bool = False,
+        *,
+        mask: torch.Tensor | None = None,
+        image_latents: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The sampling loop: z_{t_1} -> ... -> z_0 over `timesteps` (the heart of Stable Diffusion).
 
-        latents  z at the first timestep                                 (B, 4, h, w)
-        cond     text embeddings of the prompts                          (B, 77, D)
-        uncond   text embeddings of the negative / empty prompts, or None for no guidance
-        inpaint  None, or {"mask": m (B, 1, h, w), "image_latents": z_0, "noise": eps}: keep z where m = 0
-        callback called after every step with a StepRecord; it may return None, or a tensor
-                 that replaces the latents (to intervene in the trajectory)
+        latents        z at the first timestep                                    (B, 4, h, w)
+        cond           text embeddings of the prompts                             (B, 77, D)
+        uncond         text embeddings of the negative / empty prompts, or None for no guidance
+        callback       called after every step with a StepRecord; it may return None, or a
+                       tensor that replaces the latents (to intervene in the trajectory)
+        Inpainting only (all three or none): keep z where the mask is 0, i.e. after every step
+        z <- mask * z + (1 - mask) * add_noise(image_latents, noise, t_next)
+        mask           1 = repaint, 0 = keep, at latent resolution                (B, 1, h, w)
+        image_latents  the original image's latent z_0                            (B, 4, h, w)
+        noise          the eps that noised z_0 to the start                       (B, 4, h, w)
         """
+        inpainting = mask is not None
+        if inpainting != (image_latents is not None) or inpainting != (noise is not None):
+            raise ValueError("Inpainting needs mask=, image_latents= and noise= together (or none of them).")
         guided = uncond is not None
         # Both halves go through the UNet in one call: context [c_neg, c]       (2B, 77, D)
         context = torch.cat([uncond, cond]) if guided else cond
@@ -420,22 +343,22 @@ class StableDiffusion:
                 model_output = torch.cat([self.unet(x, t, c) for x, c in zip(model_input.chunk(2), context.chunk(2))])
             else:
                 model_output = self.unet(model_input, t, context)
-            # 4. Classifier-free guidance: e = e_neg + s (e_cond - e_neg)          (B, 4, h, w)
+            # 4. Classifier-free guidance: e = e_neg + s (e_cond - e_neg)          (2B -> B, 4, h, w)
             if guided:
                 eps_uncond, eps_cond = model_output.chunk(2)
-                eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+                eps = classifier_free_guidance(eps_uncond, eps_cond, guidance_scale)
             else:
                 eps_uncond, eps_cond = None, model_output
                 eps = model_output
-            # 5. One sampler step: z_t -> z_prev, plus its estimate of the clean latent
+            # 5. One sampler step: z_t -> z_prev, plus its estimate of the clean latent  (B, 4, h, w)
             latents, x0_pred = sampler.step(eps, t, latents, generator=generator)
             # 6. Inpainting: put back the known region, noised to the next step's level
-            if inpaint is not None:
-                known = inpaint["image_latents"]  # z_0 after the last step
+            #    (so the UNet always sees a picture whose noise level matches t)
+            if inpainting:
+                known = image_latents  # z_0 itself after the last step
                 if i < len(timesteps) - 1:
-                    known = sampler.add_noise(known, inpaint["noise"], timesteps[i + 1])
-                mask = inpaint["mask"]  # (B, 1, h, w): 1 = repaint
-                latents = (1 - mask) * known + mask * latents
+                    known = sampler.add_noise(image_latents, noise, timesteps[i + 1])
+                latents = (1 - mask) * known + mask * latents  # mask (B, 1, h, w) broadcasts over channels
             # 7. Let the caller look (and perhaps intervene)
             if callback is not None:
                 t_value = int(t) if float(t).is_integer() else float(t)
@@ -449,7 +372,7 @@ class StableDiffusion:
                     latents = returned
         return latents
 
-    # -- generation ----------------------------------------------------------------------------
+    # -- generation: each method adds only its own start to the shared _prepare / _finish ---------
 
     @torch.no_grad()
     def text_to_image(
@@ -477,27 +400,14 @@ class StableDiffusion:
         reproducible, and equal to diffusers' StableDiffusionPipeline for the same seed.
         callback(record) runs after each step (see StepRecord, StepRecorder).
         """
-        # 1. Check everything before any work is done
-        prompts, negatives = self._check_prompts(prompt, negative_prompt, guidance_scale)
         height, width = self._check_size(height, width)
-        self._check_common(steps, output_type, num_images_per_prompt, callback)
-        generator = _generator(seed, generator)
-        sampler = self.make_sampler(sampler, eta)
+        run = self._prepare(prompt, negative_prompt, steps, guidance_scale, sampler, eta, seed, generator, callback,
+                            output_type, num_images_per_prompt, progress)
 
-        # 2. Text embeddings, one row per image                                   (B, 77, D)
-        cond, uncond = self._text_embeddings(prompts, negatives, guidance_scale, num_images_per_prompt)
-
-        # 3. Timesteps, most noise first
-        sampler.set_timesteps(steps)
-        timesteps = sampler.timesteps
-
-        # 4. Initial noise, drawn as diffusers draws it: z_T = init_noise_sigma * eps  (B, 4, H/8, W/8)
-        shape = (cond.shape[0], self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        latents = randn(shape, generator=generator, device=self.device, dtype=cond.dtype) * sampler.init_noise_sigma
-
-        # 5. The loop, then 6. pixels
-        latents = self.denoise(latents, cond, uncond, sampler, timesteps, guidance_scale, generator, callback, progress=progress)
-        return self._output(latents, output_type)
+        # Initial noise, drawn as diffusers draws it: z_T = init_noise_sigma * eps  (B, 4, H/8, W/8)
+        shape = (run.batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        latents = self._randn(shape, run) * run.sampler.init_noise_sigma
+        return self._finish(run, latents)
 
     @torch.no_grad()
     def image_to_image(
@@ -525,31 +435,18 @@ class StableDiffusion:
         (int(steps * strength)); 0 keeps the image, 1 starts (almost) from noise. The
         image's own size is used unless height/width are given (PIL images are resized).
         """
-        prompts, negatives = self._check_prompts(prompt, negative_prompt, guidance_scale)
-        self._check_strength(strength)
         images = self._check_image(image, height, width)
-        self._check_common(steps, output_type, num_images_per_prompt, callback)
-        batch = len(prompts) * num_images_per_prompt
-        self._check_batch(images.shape[0], batch, "images")
-        generator = _generator(seed, generator)
-        sampler = self.make_sampler(sampler, eta)
+        run = self._prepare(prompt, negative_prompt, steps, guidance_scale, sampler, eta, seed, generator, callback,
+                            output_type, num_images_per_prompt, progress, strength=strength, images=images)
 
-        cond, uncond = self._text_embeddings(prompts, negatives, guidance_scale, num_images_per_prompt)
-        sampler.set_timesteps(steps)
-        timesteps = _timesteps_for_strength(sampler, steps, strength)
-
-        # z_0 = scaling_factor * E(x).sample(), one per image, then one per output  (B, 4, h, w)
-        image_latents = self.encode_image(images, generator).to(cond.dtype)
-        image_latents = image_latents.repeat(batch // image_latents.shape[0], 1, 1, 1)
-        if len(timesteps) > 0:
+        image_latents = self._image_latents(images, run)  # z_0                  (B, 4, h, w)
+        if len(run.timesteps) > 0:
             # z_{t_1} = sqrt(alpha_bar) z_0 + sqrt(1 - alpha_bar) eps at the first remaining timestep
-            noise = randn(image_latents.shape, generator=generator, device=self.device, dtype=cond.dtype)
-            latents = sampler.add_noise(image_latents, noise, timesteps[:1].repeat(batch))
+            noise = self._randn(image_latents.shape, run)
+            latents = run.sampler.add_noise(image_latents, noise, run.timesteps[:1].repeat(run.batch))
         else:  # strength too small for a single step: nothing to denoise
             latents = image_latents
-
-        latents = self.denoise(latents, cond, uncond, sampler, timesteps, guidance_scale, generator, callback, progress=progress)
-        return self._output(latents, output_type)
+        return self._finish(run, latents)
 
     @torch.no_grad()
     def inpaint(
@@ -579,61 +476,88 @@ class StableDiffusion:
         pure noise (as image_to_image). The same seed gives diffusers'
         StableDiffusionInpaintPipeline result for a 4-channel UNet.
         """
-        prompts, negatives = self._check_prompts(prompt, negative_prompt, guidance_scale)
-        self._check_strength(strength)
         images = self._check_image(image, height, width)
         masks = self._check_mask(mask, image, height, width)
-        self._check_common(steps, output_type, num_images_per_prompt, callback)
-        batch = len(prompts) * num_images_per_prompt
-        self._check_batch(images.shape[0], batch, "images")
-        self._check_batch(masks.shape[0], batch, "masks")
-        generator = _generator(seed, generator)
-        sampler = self.make_sampler(sampler, eta)
-
-        cond, uncond = self._text_embeddings(prompts, negatives, guidance_scale, num_images_per_prompt)
-        sampler.set_timesteps(steps)
-        timesteps = _timesteps_for_strength(sampler, steps, strength)
+        run = self._prepare(prompt, negative_prompt, steps, guidance_scale, sampler, eta, seed, generator, callback,
+                            output_type, num_images_per_prompt, progress, strength=strength, images=images, masks=masks)
 
         # The original latent z_0 and the noise eps, drawn in diffusers' order     (B, 4, h, w)
-        image_latents = self.encode_image(images, generator).to(cond.dtype)
-        image_latents = image_latents.repeat(batch // image_latents.shape[0], 1, 1, 1)
-        noise = randn(image_latents.shape, generator=generator, device=self.device, dtype=cond.dtype)
+        image_latents = self._image_latents(images, run)
+        noise = self._randn(image_latents.shape, run)
         if strength == 1.0:  # start from pure noise
-            latents = noise * sampler.init_noise_sigma
-        elif len(timesteps) > 0:  # start from the noised image
-            latents = sampler.add_noise(image_latents, noise, timesteps[:1].repeat(batch))
+            latents = noise * run.sampler.init_noise_sigma
+        elif len(run.timesteps) > 0:  # start from the noised image
+            latents = run.sampler.add_noise(image_latents, noise, run.timesteps[:1].repeat(run.batch))
         else:
             latents = image_latents
         # diffusers also encodes the masked image here (only 9-channel inpainting UNets read it),
         # which draws one more latent-sized sample from the generator. Draw it too, so that
         # samplers that use the generator later (euler_a, ddpm, ddim with eta > 0) stay in step.
-        randn((images.shape[0], *image_latents.shape[1:]), generator=generator, device=self.device, dtype=cond.dtype)
+        self._randn((images.shape[0], *image_latents.shape[1:]), run)
 
         # The mask at latent resolution: nearest-neighbour downsampling of the 0/1 mask  (B, 1, h, w)
-        latent_mask = F.interpolate(masks, size=image_latents.shape[-2:]).to(device=self.device, dtype=cond.dtype)
-        latent_mask = latent_mask.repeat(batch // latent_mask.shape[0], 1, 1, 1)
+        latent_mask = F.interpolate(masks, size=image_latents.shape[-2:]).to(device=self.device, dtype=run.cond.dtype)
+        latent_mask = latent_mask.repeat(run.batch // latent_mask.shape[0], 1, 1, 1)
+        return self._finish(run, latents, mask=latent_mask, image_latents=image_latents, noise=noise)
 
-        inpaint = {"mask": latent_mask, "image_latents": image_latents, "noise": noise}
-        latents = self.denoise(latents, cond, uncond, sampler, timesteps, guidance_scale, generator, callback, inpaint, progress)
-        return self._output(latents, output_type)
+    # -- the one preparation path and the one way out, shared by the generation methods ----------
 
-    # -- helpers for the generation methods ---------------------------------------------------
+    def _prepare(self, prompt, negative_prompt, steps, guidance_scale, sampler, eta, seed, generator, callback,
+                 output_type, num_images_per_prompt, progress, strength: float = 1.0,
+                 images: torch.Tensor | None = None, masks: torch.Tensor | None = None) -> _Run:
+        """Check the arguments every method shares, then build the sampler, encode the prompts, pick the timesteps.
 
-    def _text_embeddings(self, prompts, negatives, guidance_scale, num_images_per_prompt):
-        """(cond, uncond) with num_images_per_prompt rows per prompt; uncond is None without guidance."""
-        cond = self.encode_prompt(prompts).repeat_interleave(num_images_per_prompt, dim=0)  # (B, 77, D)
-        if guidance_scale <= 1:  # as diffusers: no unconditional branch at all
-            return cond, None
-        uncond = self.encode_prompt(negatives).repeat_interleave(num_images_per_prompt, dim=0)  # (B, 77, D)
-        return cond, uncond
+        strength < 1 keeps only the last int(steps * strength) timesteps (image_to_image,
+        inpaint); images / masks, already checked by the caller, must number 1 or B.
+        """
+        # 1. Check everything before any work is done
+        prompts, negatives = self._check_prompts(prompt, negative_prompt, guidance_scale)
+        self._check_strength(strength)
+        self._check_common(steps, output_type, num_images_per_prompt, callback)
+        batch = len(prompts) * num_images_per_prompt
+        for what, given in (("images", images), ("masks", masks)):
+            if given is not None:
+                self._check_batch(given.shape[0], batch, what)
+        generator = _generator(seed, generator)
+        sampler = self.make_sampler(sampler, eta)
 
-    def _output(self, latents: torch.Tensor, output_type: str):
-        if output_type == "latent":
+        # 2. Text embeddings, one row per output image                            (B, 77, D)
+        cond = self.encode_prompt(prompts).repeat_interleave(num_images_per_prompt, dim=0)
+        uncond = None
+        if guidance_scale > 1:  # as diffusers: guidance_scale <= 1 has no unconditional branch at all
+            uncond = self.encode_prompt(negatives).repeat_interleave(num_images_per_prompt, dim=0)
+
+        # 3. Timesteps, most noise first (all of them at strength 1)
+        sampler.set_timesteps(steps)
+        timesteps = _timesteps_for_strength(sampler, steps, strength)
+        return _Run(batch, cond, uncond, sampler, timesteps, generator, guidance_scale, callback, progress, output_type)
+
+    def _finish(self, run: _Run, latents: torch.Tensor, mask: torch.Tensor | None = None,
+                image_latents: torch.Tensor | None = None, noise: torch.Tensor | None = None):
+        """The loop from `latents` (B, 4, h, w), then the conversion to run.output_type.
+
+        mask, image_latents, noise: inpaint's state for the loop (see denoise); None otherwise.
+        """
+        latents = self.denoise(latents, run.cond, run.uncond, run.sampler, run.timesteps, run.guidance_scale,
+                               run.generator, run.callback, run.progress,
+                               mask=mask, image_latents=image_latents, noise=noise)
+        if run.output_type == "latent":
             return latents
         images = self.decode_latents(latents)  # (B, 3, H, W) in [-1, 1]
-        if output_type == "tensor":
+        if run.output_type == "tensor":
             return images
         return to_pil(images.float().cpu())
+
+    def _image_latents(self, images: torch.Tensor, run: _Run) -> torch.Tensor:
+        """z_0 = scaling_factor * E(x).sample(), one per image, then repeated to one per output  (B, 4, h, w)."""
+        image_latents = self.encode_image(images, run.generator).to(run.cond.dtype)
+        return image_latents.repeat(run.batch // image_latents.shape[0], 1, 1, 1)
+
+    def _randn(self, shape, run: _Run) -> torch.Tensor:
+        """eps ~ N(0, I) of `shape` from the run's generator, on the UNet's device and in the text's dtype."""
+        return randn(shape, generator=run.generator, device=self.device, dtype=run.cond.dtype)
+
+    # -- checks ----------------------------------------------------------------------------------
 
     def _check_prompts(self, prompt, negative_prompt, guidance_scale) -> tuple:
         prompts = [prompt] if isinstance(prompt, str) else prompt
@@ -657,7 +581,7 @@ class StableDiffusion:
             warnings.warn(
                 f"guidance_scale={guidance_scale} <= 1 turns classifier-free guidance off, so the negative prompt is ignored. "
                 "Use guidance_scale > 1 (e.g. 7.5) for it to have an effect.",
-                stacklevel=4,  # the caller of text_to_image (past torch.no_grad's wrapper)
+                stacklevel=5,  # the caller of text_to_image (past _prepare and torch.no_grad's wrapper)
             )
         return list(prompts), negatives
 
@@ -766,8 +690,8 @@ class StableDiffusion:
         return folder
 
     def save_single_file(self, path, overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
-        """Write one .safetensors file in the original CompVis layout (see sdlearn.pretrained.save_single_file)."""
-        from sdlearn.pretrained import save_single_file  # imported here: pretrained imports this module
+        """Write one .safetensors file in the original CompVis layout (see sdlearn.pipeline.single_file.save_single_file)."""
+        from sdlearn.pipeline.single_file import save_single_file  # imported here: only this method writes single files
 
         return save_single_file(self, path, overwrite=overwrite, dtype=dtype)
 

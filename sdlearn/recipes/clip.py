@@ -1,0 +1,165 @@
+"""Recipes for the CLIP artefacts in data/: a BPE vocabulary of our own and a TinyCLIP.
+
+1. `train_shapes_tokenizer` learns BPE merges on the shapes captions with the tokenizers
+   library, configured and laid out like CLIP's, so both tokenizers read it (data/tokenizers/shapes).
+2. `train_tiny_clip` trains `sdlearn.models.clip.TinyCLIP` contrastively on shapes images and
+   their (partial) captions (data/clip-shapes, `make train-clip`).
+
+    python -m sdlearn.recipes.clip shapes-tokenizer OUT
+    python -m sdlearn.recipes.clip train-tiny OUT [--steps N --batch-size B --seed S]
+"""
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from sdlearn.datasets import Shapes, data_dir
+from sdlearn.models.clip import (BOS_TOKEN, END_OF_WORD, EOS_TOKEN, PIECE_PATTERN, CLIPTextConfig, CLIPTokenizer, TinyCLIP,
+                                 bytes_to_unicode)
+from sdlearn.train import train
+
+
+def clip_loss_fn(model: TinyCLIP, batch) -> torch.Tensor:
+    """train()'s loss_fn: batch = (images (B, 3, S, S), input_ids (B, 77))."""
+    images, input_ids = batch
+    return model.loss(images, input_ids)
+
+
+def train_tiny_clip(
+    tokenizer: "CLIPTokenizer | None" = None,
+    steps: int = 300,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    n_images: int = 4000,
+    image_size: int = 32,
+    seed: int = 0,
+    out=None,
+    overwrite: bool = False,
+    **train_kwargs,
+):
+    """Train a TinyCLIP on shapes images and their (partial) captions; returns (model, tokenizer, history).
+
+    Batches are drawn without replacement from `n_images` training images (held-out pairs
+    excluded), so an image never meets itself as a negative. With `out`, the text encoder and
+    tokenizer are saved there in transformers format, next to the rest of the model.
+    """
+    if out is not None and (Path(out) / "tiny_clip.safetensors").exists() and not overwrite:
+        # Checked before training, so minutes of work are not lost to a refusal at the end.
+        raise FileExistsError(f"{out} already holds a TinyCLIP. Choose another folder or pass overwrite=True (--overwrite).")
+    if tokenizer is None:
+        tokenizer = CLIPTokenizer.from_pretrained(data_dir() / "tokenizers" / "shapes")
+    dataset = Shapes(n_images, seed=seed, size=image_size, split="train", captions="partial", drop_prob=0.3)
+    if batch_size > len(dataset):
+        raise ValueError(f"batch_size {batch_size} is larger than the {len(dataset)} images.")
+    images = dataset.tensors()  # (n, 3, S, S)
+    input_ids = tokenizer(dataset.captions)  # (n, 77)
+    torch.manual_seed(seed)
+    text_config = CLIPTextConfig.tiny(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    channels = tuple(min(32 * 2**i, 128) for i in range(int(math.log2(image_size // 4))))
+    model = TinyCLIP(text_config, image_size=image_size, image_channels=channels)
+    generator = torch.Generator().manual_seed(seed)
+
+    def batch(step: int):
+        index = torch.randperm(len(dataset), generator=generator)[:batch_size]
+        return images[index], input_ids[index]
+
+    history = train(model, clip_loss_fn, batch, steps=steps, lr=lr, seed=seed, **train_kwargs)
+    if out is not None:
+        model.save_pretrained(out, tokenizer, overwrite=overwrite)
+    return model, tokenizer, history
+
+
+# ----------------------------------------------------------------------------------------
+# 4. A BPE vocabulary of our own, for the shapes captions
+# ----------------------------------------------------------------------------------------
+
+
+def shapes_corpus(n: int = 4000, seed: int = 0) -> list:
+    """Captions covering every word the shapes dataset uses (all templates, partial and full)."""
+    partial = Shapes(n, seed=seed, split="all", captions="partial", drop_prob=0.5, cache=False).captions
+    full = Shapes(n // 4, seed=seed + 1, split="all", captions="full", cache=False).captions
+    return partial + full
+
+
+def train_bpe(texts: list, vocab_size: int = 1000, min_frequency: int = 2) -> tuple[dict, list]:
+    """Learn BPE merges on `texts` with the tokenizers library, cleaned and split exactly as CLIP does.
+
+    Returns (vocab, merges) laid out as CLIP's vocabulary: the 256 byte characters, the same
+    with "</w>", one token per merge in rank order, then <|startoftext|> and <|endoftext|>.
+    Because every byte is in the vocabulary, no text is ever unknown.
+    """
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, trainers
+    from tokenizers.models import BPE
+
+    tokenizer = Tokenizer(BPE(end_of_word_suffix=END_OF_WORD, continuing_subword_prefix="", unk_token=EOS_TOKEN))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(PIECE_PATTERN.pattern), behavior="removed", invert=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), end_of_word_suffix=END_OF_WORD,
+        continuing_subword_prefix="", special_tokens=[BOS_TOKEN, EOS_TOKEN],
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    learned = json.loads(tokenizer.to_str())["model"]["merges"]
+    merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in learned]
+    byte_chars = list(bytes_to_unicode().values())
+    tokens = byte_chars + [c + END_OF_WORD for c in byte_chars] + ["".join(m) for m in merges] + [BOS_TOKEN, EOS_TOKEN]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise RuntimeError("Two merges produced the same token; the vocabulary would not be CLIP-shaped.")
+    return vocab, merges
+
+
+def train_shapes_tokenizer(folder=None, vocab_size: int = 1000) -> CLIPTokenizer:
+    """A CLIP-style BPE tokenizer for the shapes captions (about 100 merges: one token per word).
+
+    Saved to `folder` (if given) as vocab.json/merges.txt that transformers' CLIPTokenizer
+    reads too. The shipped copy lives in data/tokenizers/shapes.
+    """
+    vocab, merges = train_bpe(shapes_corpus(), vocab_size=vocab_size)
+    tokenizer = CLIPTokenizer(vocab, merges)
+    if folder is not None:
+        tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------------------
+# Reproducing the shipped artefacts
+# ----------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    """python -m sdlearn.recipes.clip shapes-tokenizer OUT | train-tiny OUT [--steps N --batch-size B --seed S]"""
+    parser = argparse.ArgumentParser(prog="python -m sdlearn.recipes.clip", description="Rebuild the CLIP artefacts shipped in data/.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    tok = commands.add_parser("shapes-tokenizer", help="train the BPE vocabulary of the shapes captions")
+    tok.add_argument("out", type=Path)
+    tiny = commands.add_parser("train-tiny", help="train TinyCLIP on shapes and save it (text_encoder/, tokenizer/, tiny_clip.safetensors)")
+    tiny.add_argument("out", type=Path)
+    tiny.add_argument("--steps", type=int, default=3000)
+    tiny.add_argument("--batch-size", type=int, default=128)
+    tiny.add_argument("--lr", type=float, default=2e-3)
+    tiny.add_argument("--n-images", type=int, default=4000)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--overwrite", action="store_true", help="replace an existing model in OUT")
+    args = parser.parse_args(argv)
+    if args.command == "shapes-tokenizer":
+        tokenizer = train_shapes_tokenizer(args.out)
+        print(f"wrote {len(tokenizer)} tokens ({len(tokenizer.merges)} merges) to {args.out}")
+    else:
+        _, _, history = train_tiny_clip(steps=args.steps, batch_size=args.batch_size, lr=args.lr, n_images=args.n_images,
+                                        seed=args.seed, out=args.out, overwrite=args.overwrite,
+                                        lr_schedule="cosine")
+        print(f"trained {args.steps} steps in {history.seconds:.0f} s; final loss (mean of last 100) "
+              f"{sum(history.losses[-100:]) / len(history.losses[-100:]):.3f}; saved to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
