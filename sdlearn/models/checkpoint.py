@@ -27,6 +27,8 @@ from typing import Any, ClassVar
 import torch
 from safetensors.torch import load_file, save_file
 
+from sdlearn.models.files import save_folder
+
 
 class CheckpointError(ValueError):
     """A folder or state dict does not fit the model it is loaded into."""
@@ -160,13 +162,19 @@ class Pretrained:
         """Write config.json and safetensors weights that diffusers/transformers can load.
 
         An existing model in `folder` is never replaced silently: pass overwrite=True.
+        The new files are written aside and swapped in (sdlearn.models.files.save_folder): a save
+        that fails leaves the old model as it was, and other files in `folder` are kept.
         """
         folder = Path(folder)
         targets = [folder / "config.json", folder / self.weights_name]
         if not overwrite and any(p.exists() for p in targets):
             raise FileExistsError(f"{folder} already holds a model. Choose another folder or pass overwrite=True.")
+        return save_folder(folder, self.write_files)
+
+    def write_files(self, folder) -> None:
+        """Write config.json and the weights into `folder` directly (save_pretrained calls this on a temporary folder)."""
+        folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         state_dict = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(state_dict, folder / self.weights_name, metadata={"format": "pt"})
         (folder / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        return folder

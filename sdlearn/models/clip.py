@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdlearn.models.checkpoint import CheckpointError, ModelConfig, Pretrained, read_weights
+from sdlearn.models.files import save_folder
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -349,8 +350,20 @@ class CLIPTokenizer:
             kwargs["model_max_length"] = settings["model_max_length"]
         return cls(vocab, merges, text_cleaning=text_cleaning, **kwargs)
 
+    # A tokenizer.json (transformers' fast format) that we do not write would shadow the new
+    # vocab.json + merges.txt in transformers: a save replaces it too.
+    superseded_names = ("tokenizer.json",)
+
     def save_pretrained(self, folder) -> Path:
-        """Write vocab.json, merges.txt, tokenizer_config.json and special_tokens_map.json."""
+        """Write vocab.json, merges.txt, tokenizer_config.json and special_tokens_map.json.
+
+        Written aside and swapped in (sdlearn.models.files.save_folder): a failed save keeps the
+        old tokenizer, and other files in `folder` are kept.
+        """
+        return save_folder(Path(folder), self.write_files, superseded=self.superseded_names)
+
+    def write_files(self, folder) -> None:
+        """Write the tokenizer files into `folder` directly (save_pretrained calls this on a temporary folder)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         vocab = dict(sorted(self.encoder.items(), key=lambda item: item[1]))
@@ -368,7 +381,6 @@ class CLIPTokenizer:
         }
         (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        return folder
 
 
 # ----------------------------------------------------------------------------------------
@@ -717,12 +729,18 @@ class TinyCLIP(nn.Module):
         target = folder / "tiny_clip.safetensors"
         if target.exists() and not overwrite:
             raise FileExistsError(f"{folder} already holds a TinyCLIP. Choose another folder or pass overwrite=True.")
-        self.text_encoder.save_pretrained(folder / "text_encoder", overwrite=overwrite)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder / "tokenizer")
-        rest = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if not k.startswith("text_encoder.")}
-        save_file(rest, target, metadata={"format": "pt", "settings": json.dumps(self.settings)})
-        return folder
+        if not overwrite and (folder / "text_encoder" / "config.json").exists():
+            raise FileExistsError(f"{folder / 'text_encoder'} already holds a model. Choose another folder or pass overwrite=True.")
+
+        def write(staging: Path) -> None:
+            self.text_encoder.write_files(staging / "text_encoder")
+            if tokenizer is not None:
+                tokenizer.write_files(staging / "tokenizer")
+            rest = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if not k.startswith("text_encoder.")}
+            save_file(rest, staging / target.name, metadata={"format": "pt", "settings": json.dumps(self.settings)})
+
+        superseded = [f"tokenizer/{name}" for name in CLIPTokenizer.superseded_names] if tokenizer is not None else []
+        return save_folder(folder, write, superseded=superseded)
 
     @classmethod
     def from_pretrained(cls, folder, device=None) -> "TinyCLIP":
