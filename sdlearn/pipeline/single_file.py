@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from sdlearn.models.checkpoint import CheckpointError, check_state_dict
+from sdlearn.models.files import write_file
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -339,6 +340,5 @@ def save_single_file(pipeline, path, overwrite: bool = False, dtype: torch.dtype
     state_dict = to_single_file_state_dict(pipeline)
     if dtype is not None:
         state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state_dict, path, metadata={"format": "pt", "written_by": "sdlearn"})
-    return path
+    # written to a temporary sibling and renamed into place: a failed or killed save keeps the old file
+    return write_file(path, lambda tmp: save_file(state_dict, tmp, metadata={"format": "pt", "written_by": "sdlearn"}))

@@ -54,7 +54,6 @@ pipeline_stable_diffusion_img2img.py and pipeline_stable_diffusion_inpaint.py.
 """
 
 import json
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +64,7 @@ import torch.nn.functional as F
 
 from sdlearn.diffusion.guidance import classifier_free_guidance
 from sdlearn.models.clip import CLIPTextModel, CLIPTokenizer
+from sdlearn.models.files import save_folder
 from sdlearn.pipeline.images import image_to_tensor, mask_to_tensor, to_pil  # noqa: F401 (mask_to_tensor: public here too)
 from sdlearn.diffusion.samplers import SAMPLER_NAMES
 from sdlearn.diffusion.scheduler_configs import SAMPLER_FOR_SCHEDULER, SD_SCHEDULER_CONFIG, get_sampler
@@ -653,6 +653,10 @@ class StableDiffusion:
 
         model_index.json, unet/, vae/, text_encoder/, tokenizer/ (vocab.json, merges.txt) and
         scheduler/scheduler_config.json. An existing pipeline is replaced only with overwrite=True.
+
+        The new pipeline is written into a temporary folder next to `folder` and its files are then
+        swapped in (sdlearn.models.files.save_folder): if anything fails, the old pipeline is left
+        exactly as it was; files of yours in the folder (unet/my_lora.safetensors, notes) are kept.
         """
         folder = Path(folder)
         parts = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -664,16 +668,6 @@ class StableDiffusion:
         scheduler_class = self.scheduler_config.get("_class_name")
         if scheduler_class is None:
             raise ValueError("scheduler_config has no _class_name, so diffusers could not load it; add e.g. 'DDIMScheduler'.")
-        for part in existing:  # overwrite=True: replace the parts whole, so no stale file (tokenizer.json, ...) survives
-            if (folder / part).is_dir():
-                shutil.rmtree(folder / part)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.unet.save_pretrained(folder / "unet", overwrite=True)
-        self.vae.save_pretrained(folder / "vae", overwrite=True)
-        self.text_encoder.save_pretrained(folder / "text_encoder", overwrite=True)
-        self.tokenizer.save_pretrained(folder / "tokenizer")
-        (folder / "scheduler").mkdir(exist_ok=True)
-        (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(self.scheduler_config, indent=2) + "\n")
         model_index = {
             "_class_name": "StableDiffusionPipeline",
             "feature_extractor": [None, None],
@@ -686,8 +680,18 @@ class StableDiffusion:
             "unet": ["diffusers", "UNet2DConditionModel"],
             "vae": ["diffusers", "AutoencoderKL"],
         }
-        (folder / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
-        return folder
+
+        def write(staging: Path) -> None:  # the whole new pipeline, in a temporary folder
+            self.unet.write_files(staging / "unet")
+            self.vae.write_files(staging / "vae")
+            self.text_encoder.write_files(staging / "text_encoder")
+            self.tokenizer.write_files(staging / "tokenizer")
+            (staging / "scheduler").mkdir()
+            (staging / "scheduler" / "scheduler_config.json").write_text(json.dumps(self.scheduler_config, indent=2) + "\n")
+            (staging / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
+
+        superseded = [f"tokenizer/{name}" for name in self.tokenizer.superseded_names]
+        return save_folder(folder, write, superseded=superseded)
 
     def save_single_file(self, path, overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
         """Write one .safetensors file in the original CompVis layout (see sdlearn.pipeline.single_file.save_single_file)."""
