@@ -218,6 +218,14 @@ class Sampler:
                 "(The model was trained on T timesteps; a sampler visits a subsequence of them.)"
             )
         timesteps = self._make_timesteps(int(n))
+        if timesteps.max() > self.T - 1 or timesteps.min() < 0:
+            fits = next((m for m in range(int(n) - 1, 0, -1) if self._timesteps_fit(m)), None)
+            raise ValueError(
+                f"{n} steps with timestep_spacing={self.timestep_spacing!r} and steps_offset={self.steps_offset} reach timestep "
+                f"{int(timesteps.max()) if timesteps.max() > self.T - 1 else int(timesteps.min())}, outside the schedule's "
+                f"0..{self.T - 1}. Use at most {fits} steps"
+                + (" (the most this schedule allows)." if fits else ".")
+            )
         repeats_allowed = 1 if self.name == "plms" and n > 1 else 0  # PLMS repeats its second timestep
         if len(np.unique(timesteps)) != len(timesteps) - repeats_allowed:
             raise ValueError(
@@ -230,6 +238,12 @@ class Sampler:
 
     def _make_timesteps(self, n: int) -> np.ndarray:
         return _spaced_timesteps(n, self.T, self.timestep_spacing, self.steps_offset)
+
+    def _timesteps_fit(self, n: int) -> bool:
+        timesteps = self._make_timesteps(n)
+        repeats_allowed = 1 if self.name == "plms" and n > 1 else 0
+        in_range = timesteps.min() >= 0 and timesteps.max() <= self.T - 1
+        return bool(in_range and len(np.unique(timesteps)) == len(timesteps) - repeats_allowed)
 
     def reset(self) -> None:
         """Forget the history of the current run (set_timesteps calls this)."""
