@@ -65,6 +65,13 @@ def image_to_tensor(image, height: int | None = None, width: int | None = None) 
             raise ValueError(f"Expected an image tensor (3, H, W) or (B, 3, H, W) in [-1, 1], got shape {tuple(image.shape)}.")
         if not x.is_floating_point():
             raise ValueError(f"Expected a float image tensor in [-1, 1], got dtype {x.dtype}. For uint8 pixels use x / 127.5 - 1.")
+        finite = torch.isfinite(x)
+        if not finite.all():
+            raise ValueError(
+                f"Expected an image tensor of finite values in [-1, 1], got {int((~finite).sum())} NaN or infinite values "
+                f"of {x.numel()}. Find where they came from (a division by zero, a NaN decode), or replace them, "
+                "e.g. x.nan_to_num(0.0).clamp(-1, 1)."
+            )
         if x.min() < -1.001 or x.max() > 1.001:
             raise ValueError(
                 f"Image tensors must lie in [-1, 1] (sdlearn's convention), got values in [{x.min():.3g}, {x.max():.3g}]. "
@@ -103,6 +110,15 @@ def mask_to_tensor(mask, height: int | None = None, width: int | None = None) ->
         if m.ndim != 4 or m.shape[1] != 1:
             raise ValueError(f"Expected a mask tensor (H, W), (1, H, W) or (B, 1, H, W) in [0, 1], got shape {tuple(mask.shape)}.")
         H, W = m.shape[-2:]
+        bad = ~((m >= 0) & (m <= 1))  # NaN fails both
+        if bad.any():
+            lowest, highest = m.nan_to_num(0.5).min().item(), m.nan_to_num(0.5).max().item()
+            nans = int(m.isnan().sum())
+            raise ValueError(
+                f"Expected a mask tensor with values in [0, 1] (1 = repaint, 0 = keep), got {int(bad.sum())} values outside it "
+                f"(range [{lowest:.3g}, {highest:.3g}], {nans} NaN). For 0..255 pixels pass mask / 255; "
+                "replace NaN with mask.nan_to_num(0.0) (keep) or 1.0 (repaint)."
+            )
         if (height is not None and height != H) or (width is not None and width != W):
             raise ValueError(f"The mask tensor is {H}x{W} (HxW) but height x width = {height}x{width} was asked; resize it first.")
     else:
