@@ -54,6 +54,7 @@ pipeline_stable_diffusion_img2img.py and pipeline_stable_diffusion_inpaint.py.
 """
 
 import json
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,6 +137,13 @@ class StepRecorder:
         return torch.stack(values)
 
 
+# Requests bigger than these are refused before anything is allocated (a clear error instead of
+# an out-of-memory crash, or a machine that swaps for minutes). Per pipeline they are the
+# attributes max_pixels and max_batch_pixels: raise them, or set None, to go bigger on purpose.
+MAX_PIXELS = 4096 * 4096  # pixels per image
+MAX_BATCH_PIXELS = 64 * 1024 * 1024  # outputs x pixels in one call: 64 images of 1024x1024, 4 of 4096x4096
+
+
 # ------------------------------------------------------------------------------------------
 # What every generation method prepares before the loop
 # ------------------------------------------------------------------------------------------
@@ -195,6 +203,8 @@ class StableDiffusion:
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.scheduler_config = dict(SD_SCHEDULER_CONFIG if scheduler_config is None else scheduler_config)
         self.slicing = False  # see enable_slicing
+        self.max_pixels = MAX_PIXELS  # per image; a bigger request is refused before any work (None: no limit)
+        self.max_batch_pixels = MAX_BATCH_PIXELS  # outputs x height x width in one call (None: no limit)
         for module in (unet, vae, text_encoder):
             module.eval()
 
@@ -402,7 +412,7 @@ class StableDiffusion:
         """
         height, width = self._check_size(height, width)
         run = self._prepare(prompt, negative_prompt, steps, guidance_scale, sampler, eta, seed, generator, callback,
-                            output_type, num_images_per_prompt, progress)
+                            output_type, num_images_per_prompt, progress, size=(height, width))
 
         # Initial noise, drawn as diffusers draws it: z_T = init_noise_sigma * eps  (B, 4, H/8, W/8)
         shape = (run.batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
@@ -437,7 +447,8 @@ class StableDiffusion:
         """
         images = self._check_image(image, height, width)
         run = self._prepare(prompt, negative_prompt, steps, guidance_scale, sampler, eta, seed, generator, callback,
-                            output_type, num_images_per_prompt, progress, strength=strength, images=images)
+                            output_type, num_images_per_prompt, progress, strength=strength, images=images,
+                            size=tuple(images.shape[-2:]))
 
         image_latents = self._image_latents(images, run)  # z_0                  (B, 4, h, w)
         if len(run.timesteps) > 0:
@@ -479,7 +490,8 @@ class StableDiffusion:
         images = self._check_image(image, height, width)
         masks = self._check_mask(mask, image, height, width)
         run = self._prepare(prompt, negative_prompt, steps, guidance_scale, sampler, eta, seed, generator, callback,
-                            output_type, num_images_per_prompt, progress, strength=strength, images=images, masks=masks)
+                            output_type, num_images_per_prompt, progress, strength=strength, images=images, masks=masks,
+                            size=tuple(images.shape[-2:]))
 
         # The original latent z_0 and the noise eps, drawn in diffusers' order     (B, 4, h, w)
         image_latents = self._image_latents(images, run)
@@ -504,11 +516,12 @@ class StableDiffusion:
 
     def _prepare(self, prompt, negative_prompt, steps, guidance_scale, sampler, eta, seed, generator, callback,
                  output_type, num_images_per_prompt, progress, strength: float = 1.0,
-                 images: torch.Tensor | None = None, masks: torch.Tensor | None = None) -> _Run:
-        """Check the arguments every method shares, then build the sampler, encode the prompts, pick the timesteps.
+                 images: torch.Tensor | None = None, masks: torch.Tensor | None = None, size: tuple | None = None) -> _Run:
+        """Check the arguments every method shares, then build the sampler, pick the timesteps, encode the prompts.
 
         strength < 1 keeps only the last int(steps * strength) timesteps (image_to_image,
         inpaint); images / masks, already checked by the caller, must number 1 or B.
+        size: (height, width) of the outputs, for the max_batch_pixels guard.
         """
         # 1. Check everything before any work is done
         prompts, negatives = self._check_prompts(prompt, negative_prompt, guidance_scale)
@@ -518,18 +531,26 @@ class StableDiffusion:
         for what, given in (("images", images), ("masks", masks)):
             if given is not None:
                 self._check_batch(given.shape[0], batch, what)
+        self._check_batch_size(batch, size)
         generator = _generator(seed, generator)
         sampler = self.make_sampler(sampler, eta)
 
-        # 2. Text embeddings, one row per output image                            (B, 77, D)
+        # 2. Timesteps, most noise first (all of them at strength 1); checked before the text encoder runs
+        sampler.set_timesteps(steps)
+        timesteps = _timesteps_for_strength(sampler, steps, strength)
+        if strength > 0 and int(steps * strength) == 0:
+            smallest = math.ceil(1e4 / steps) / 1e4  # int(steps * smallest) >= 1, rounded up to 4 decimals
+            raise ValueError(
+                f"strength={strength} with steps={steps} runs int({steps} * {strength}) = 0 denoising steps, so the image would "
+                f"come back unchanged. The smallest strength that runs one step is {smallest:g} (1/steps); use a larger "
+                "strength or more steps, or strength=0 to keep the image on purpose."
+            )
+
+        # 3. Text embeddings, one row per output image                            (B, 77, D)
         cond = self.encode_prompt(prompts).repeat_interleave(num_images_per_prompt, dim=0)
         uncond = None
         if guidance_scale > 1:  # as diffusers: guidance_scale <= 1 has no unconditional branch at all
             uncond = self.encode_prompt(negatives).repeat_interleave(num_images_per_prompt, dim=0)
-
-        # 3. Timesteps, most noise first (all of them at strength 1)
-        sampler.set_timesteps(steps)
-        timesteps = _timesteps_for_strength(sampler, steps, strength)
         return _Run(batch, cond, uncond, sampler, timesteps, generator, guidance_scale, callback, progress, output_type)
 
     def _finish(self, run: _Run, latents: torch.Tensor, mask: torch.Tensor | None = None,
@@ -565,8 +586,11 @@ class StableDiffusion:
             raise TypeError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}.")
         if len(prompts) == 0:
             raise ValueError("The prompt list is empty: give at least one prompt (an empty string \"\" is a valid prompt).")
-        if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be a number >= 0 (7.5 is SD's default; <= 1 turns guidance off), got {guidance_scale!r}.")
+        if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool) or not 0 <= guidance_scale < math.inf:
+            raise ValueError(
+                f"guidance_scale must be a finite number >= 0 (7.5 is SD's default; <= 1 turns guidance off), got {guidance_scale!r}. "
+                "NaN or infinity would turn every pixel into NaN; pass e.g. guidance_scale=7.5."
+            )
         if negative_prompt is None:
             negatives = [""] * len(prompts)
         elif isinstance(negative_prompt, str):
@@ -596,11 +620,33 @@ class StableDiffusion:
                     f"them {self.vae_scale_factor}x and the UNet halves the latent {self.unet.config.num_levels - 1} more "
                     f"times), e.g. {max(m, (value // m) * m) if isinstance(value, int) else self.default_size}."
                 )
+        if self.max_pixels is not None and height * width > self.max_pixels:
+            raise ValueError(
+                f"{width}x{height} (WxH) is {height * width / 1e6:.1f} million pixels per image, over this pipeline's limit of "
+                f"max_pixels={self.max_pixels} ({self.max_pixels / 1e6:.1f} million, e.g. 4096x4096): the UNet's activations would "
+                f"not fit in memory. Ask for a smaller size (the model was trained at {self.default_size}x{self.default_size}), "
+                f"or, on purpose, raise the limit: pipe.max_pixels = {height * width} (None: no limit)."
+            )
         return height, width
+
+    def _check_batch_size(self, batch: int, size: tuple | None) -> None:
+        """Refuse a batch whose pixels (outputs x height x width) exceed max_batch_pixels, before any work."""
+        if size is None or self.max_batch_pixels is None:
+            return
+        height, width = size
+        if batch * height * width > self.max_batch_pixels:
+            fits = max(1, self.max_batch_pixels // (height * width))
+            raise ValueError(
+                f"{batch} images of {width}x{height} (WxH) are {batch * height * width / 1e6:.1f} million pixels in one batch, over "
+                f"this pipeline's limit of max_batch_pixels={self.max_batch_pixels} ({self.max_batch_pixels / 1e6:.1f} million): the "
+                f"UNet's activations would not fit in memory. Ask for at most {fits} at this size (fewer prompts or a smaller "
+                f"num_images_per_prompt, in several calls), or, on purpose, raise the limit: pipe.max_batch_pixels = "
+                f"{batch * height * width} (None: no limit)."
+            )
 
     def _check_image(self, image, height, width) -> torch.Tensor:
         if height is not None or width is not None:
-            self._check_size(height or self.default_size, width or self.default_size)
+            self._check_size(self.default_size if height is None else height, self.default_size if width is None else width)
         images = image_to_tensor(image, height, width)
         H, W = images.shape[-2:]
         m = self.size_multiple
@@ -609,6 +655,7 @@ class StableDiffusion:
                 f"The image is {W}x{H} (WxH) but image sides must be multiples of {m} for this model. Crop or resize it "
                 f"(e.g. to {max(m, W // m * m)}x{max(m, H // m * m)}), or pass height= and width= to resize it."
             )
+        self._check_size(H, W)  # within max_pixels
         return images
 
     def _check_mask(self, mask, image, height, width) -> torch.Tensor:
@@ -722,6 +769,11 @@ def _generator(seed: int | None, generator: torch.Generator | None) -> torch.Gen
     if seed is not None:
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise TypeError(f"seed must be an integer, got {type(seed).__name__}.")
+        if not 0 <= seed < 2**64:
+            raise ValueError(
+                f"seed must be in [0, 2**64) (a 64-bit unsigned integer, as torch.Generator.manual_seed takes), got {seed}. "
+                "Pass e.g. seed % 2**64, or any number from 0 to 18446744073709551615."
+            )
         return torch.Generator("cpu").manual_seed(seed)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}.")
