@@ -10,10 +10,10 @@ The loop is the textbook one, written out once:
         loss.backward(); clip; optimizer.step(); optimizer.zero_grad()
 
 around it: seeding (the same seed gives the same run), AdamW with an optional cosine
-schedule, a progress bar with the running loss, a loss history, periodic samples, and a
-checkpoint that can be resumed exactly (model, optimizer, step and RNG state). A
-checkpoint that exists is never overwritten by a fresh run: resume it, or choose another
-path.
+schedule, a progress bar with the running loss (one summary line in its place when the
+run ends), a loss history, periodic samples, and a checkpoint that can be resumed exactly
+(model, optimizer, step and RNG state). A checkpoint that exists is never overwritten by a
+fresh run: resume it, or choose another path.
 
 Exponential moving average (EMA) of the weights (`EMATrainee`, `EMALoss`). The weights after
 each optimizer step jitter around a good solution; their running average is a better model
@@ -180,6 +180,54 @@ def _rng_state() -> dict:
     return {"torch": torch.get_rng_state()}
 
 
+class _Progress:
+    """A run's progress bar while it runs, and one plain summary line in its place once it ends.
+
+    In a terminal the bar is tqdm's text bar; in a notebook it is tqdm's ipywidgets bar, shown
+    through a display handle. At the end the bar goes (leave=False) and the summary line takes
+    its place (in a notebook: the same output, updated), so a saved notebook reads
+    "training: 500 steps in 45.2 s, final running loss 158.9", not the frozen text fallback
+    "0%| | 0/500" that a widget leaves once its state is stripped.
+    """
+
+    def __init__(self, steps: int, start: int, desc: str):
+        from tqdm.auto import notebook_tqdm, std_tqdm, tqdm
+
+        self.steps, self.start, self.desc = steps, start, desc
+        self.began = time.perf_counter()
+        self.handle = None
+        if notebook_tqdm is not std_tqdm:  # a Jupyter kernel with ipywidgets: the widget bar
+            from IPython.display import display
+
+            self.bar = tqdm(total=steps, initial=start, desc=desc, leave=False, display=False)
+            self.handle = display(self.bar.container, display_id=True)
+        else:
+            self.bar = tqdm(total=steps, initial=start, desc=desc, leave=False)
+
+    def update(self, step: int, history: "History") -> None:
+        self.bar.update(1)
+        if step % 10 == 0 or step == self.steps - 1:
+            self.bar.set_postfix(loss=f"{history.smoothed()[-1]:.4f}")
+
+    def finish(self, history: "History", done: int) -> None:
+        """Close the bar and show the summary; `done` is the step reached (below `steps` when the run stopped early)."""
+        self.bar.close()
+        seconds = time.perf_counter() - self.began
+        ran = done - self.start
+        if done < self.steps:
+            line = f"{self.desc}: stopped after {ran} of {self.steps - self.start} steps ({seconds:.1f} s)"
+        else:
+            line = f"{self.desc}: {ran} steps in {seconds:.1f} s"
+            if self.start:
+                line += f" (resumed at step {self.start} of {self.steps})"
+        if history.losses:
+            line += f", final running loss {history.smoothed()[-1]:.4g}"
+        if self.handle is not None:
+            self.handle.update({"text/plain": line}, raw=True)
+        else:
+            print(line)
+
+
 def train(
     model: nn.Module,
     loss_fn: Callable[[nn.Module, Any], torch.Tensor],
@@ -258,42 +306,39 @@ def train(
         )
         tmp.replace(checkpoint)  # atomic: an interrupted save never leaves half a file
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, initial=start, desc=desc, leave=True)
     model.train()
     precision = resolve_precision(precision, device_type)
+    bar = _Progress(steps, start, desc) if progress else None
     began = time.perf_counter()
-    for step in range(start, steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr * _lr_factor(lr_schedule, step, steps, warmup)
-        batch = move_to(next_batch(step), device)
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = loss_fn(model, batch).float()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"The loss became {loss.item()} at step {step}. Try a lower learning rate.")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        optimizer.step()
-        history.losses.append(loss.item())
+    done = start
+    try:
+        for step in range(start, steps):
+            for group in optimizer.param_groups:
+                group["lr"] = lr * _lr_factor(lr_schedule, step, steps, warmup)
+            batch = move_to(next_batch(step), device)
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = loss_fn(model, batch).float()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"The loss became {loss.item()} at step {step}. Try a lower learning rate.")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            optimizer.step()
+            history.losses.append(loss.item())
+            if bar is not None:
+                bar.update(step, history)
+            done = step + 1
+            if sample_every and (done % sample_every == 0 or done == steps):
+                model.eval()
+                with torch.no_grad():
+                    history.samples.append((done, sample_fn(model, done)))
+                model.train()
+            if checkpoint is not None and checkpoint_every and done % checkpoint_every == 0 and done < steps:
+                save(done)
+    finally:
         if bar is not None:
-            bar.update(1)
-            if step % 10 == 0 or step == steps - 1:
-                bar.set_postfix(loss=f"{history.smoothed()[-1]:.4f}")
-        done = step + 1
-        if sample_every and (done % sample_every == 0 or done == steps):
-            model.eval()
-            with torch.no_grad():
-                history.samples.append((done, sample_fn(model, done)))
-            model.train()
-        if checkpoint is not None and checkpoint_every and done % checkpoint_every == 0 and done < steps:
-            save(done)
-    if bar is not None:
-        bar.close()
+            bar.finish(history, done)
     model.eval()
     history.seconds = time.perf_counter() - began
     if checkpoint is not None:
