@@ -99,7 +99,7 @@ def test_missing_default_model_names_the_make_target(tmp_path, monkeypatch, caps
         (["--steps", "0"], "--steps must be at least 1"),
         (["--sampler", "heun"], "Unknown sampler 'heun'"),
         (["--eta", "0.5", "--sampler", "euler"], "eta"),
-        (["--guidance", "-1"], "guidance_scale must be a number >= 0"),
+        (["--guidance", "-1"], "guidance_scale must be a finite number >= 0"),
         (["--device", "banana"], "not a device torch knows"),
     ],
 )
