@@ -26,16 +26,20 @@ SD_DDIM = {
 }
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    """A random tiny pipeline (32 x 32 images) with the shapes vocabulary, saved by sdlearn."""
+def tiny_shapes_pipeline() -> StableDiffusion:
+    """A random tiny pipeline (32 x 32 images) with the shapes vocabulary (also used by test_guards)."""
     torch.manual_seed(0)
     tokenizer = CLIPTokenizer.from_pretrained(REPO / "data" / "tokenizers" / "shapes")
     text_encoder = CLIPTextModel(CLIPTextConfig.tiny(vocab_size=tokenizer.vocab_size))
     unet = UNet(UNetConfig.tiny(sample_size=4, cross_attention_dim=text_encoder.config.hidden_size))
     vae = AutoencoderKL(VAEConfig.tiny(sample_size=32))
-    pipe = StableDiffusion(unet, vae, text_encoder, tokenizer, SD_DDIM)
-    return pipe.save_pretrained(tmp_path_factory.mktemp("cli") / "tiny-sd")
+    return StableDiffusion(unet, vae, text_encoder, tokenizer, SD_DDIM)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    """tiny_shapes_pipeline(), saved by sdlearn."""
+    return tiny_shapes_pipeline().save_pretrained(tmp_path_factory.mktemp("cli") / "tiny-sd")
 
 
 def pixels(path: Path) -> np.ndarray:

@@ -5,34 +5,20 @@ encoder must not run at all (checked with forward hooks).
 """
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from sdlearn.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-from sdlearn.models.unet import UNet, UNetConfig
-from sdlearn.models.vae import AutoencoderKL, VAEConfig
-from sdlearn.pipeline import StableDiffusion
+from test_cli import PROMPT, SD_DDIM, tiny_shapes_pipeline
 
-REPO = Path(__file__).resolve().parent.parent
-PROMPT = "a large red circle in the top left"
-SD_DDIM = {
-    "_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000, "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
-}
+from sdlearn.pipeline import StableDiffusion
 
 
 @pytest.fixture(scope="module")
 def pipe() -> StableDiffusion:
     """A random tiny pipeline (32 x 32 images), as tests/test_cli.py builds it."""
-    torch.manual_seed(0)
-    tokenizer = CLIPTokenizer.from_pretrained(REPO / "data" / "tokenizers" / "shapes")
-    text_encoder = CLIPTextModel(CLIPTextConfig.tiny(vocab_size=tokenizer.vocab_size))
-    unet = UNet(UNetConfig.tiny(sample_size=4, cross_attention_dim=text_encoder.config.hidden_size))
-    vae = AutoencoderKL(VAEConfig.tiny(sample_size=32))
-    return StableDiffusion(unet, vae, text_encoder, tokenizer, SD_DDIM)
+    return tiny_shapes_pipeline()
 
 
 @pytest.fixture
