@@ -166,12 +166,30 @@ def test_a_generic_wrong_answer_fails_with_a_message(key, kind):
 
 
 @pytest.mark.parametrize("key", [pytest.param(k, id=k) for k in CHECKERS])
-def test_a_blank_exercise_is_not_written_yet(key):
+def test_a_blank_exercise_is_not_written_yet(key, capsys):
+    """A blank is reported, not raised, so a learner's notebook runs on (Run All); the message names the reference
+    the next cells use and how to see it. check_function itself still raises NotWrittenYet."""
+
     def blank(*args, **kwargs):
         raise NotImplementedError
 
+    ex = _exercise(key)
+    assert CHECKERS[key](blank) is False
+    out = capsys.readouterr().out
+    assert f"`{ex.name}` is not written yet" in out, out
+    assert f"`{ex.reference.__module__}.{ex.reference.__qualname__}`" in out, out
+    assert ".solution()` shows the reference" in out, out
     with pytest.raises(NotWrittenYet, match="not written yet"):
-        CHECKERS[key](blank)
+        ex.check(blank)
+
+
+@pytest.mark.parametrize("key", [pytest.param(k, id=k) for k in CHECKERS])
+def test_the_solution_shows_the_references_source(key, capsys):
+    ex = _exercise(key)
+    CHECKERS[key].solution()
+    out = capsys.readouterr().out
+    assert f"def {ex.reference.__name__}(" in out, out
+    assert "return" in out, out
 
 
 @pytest.mark.parametrize("key", [pytest.param(k, id=k) for k in CHECKERS])
@@ -274,7 +292,7 @@ def test_a_blank_helper_is_named_and_a_library_not_implemented_is_not_blamed_on_
         return scale(x) - 1
 
     with pytest.raises(NotWrittenYet, match="`scale`, which it calls, still raises NotImplementedError"):
-        lesson00.check_to_model_range(to_model_range)
+        lesson00.check_to_model_range.exercise.check(to_model_range)
 
     def calls_an_abstract_module(x):
         return torch.nn.Module()(x)  # torch raises NotImplementedError: no forward

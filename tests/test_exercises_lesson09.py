@@ -42,7 +42,6 @@ def test_unwritten_and_none_answers_get_a_message():
     def unwritten(*args):
         raise NotImplementedError
 
-    with pytest.raises(ExerciseError, match="not written yet"):
-        ex.check_guidance(unwritten)
+    assert ex.check_guidance(unwritten) is False  # a blank is reported, not raised
     with pytest.raises(ExerciseError, match="returned None"):
         ex.check_loop_step(lambda *args: None)

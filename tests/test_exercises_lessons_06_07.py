@@ -107,5 +107,4 @@ def test_learner_sdpa_passes_and_not_implemented_is_reported():
     def unfinished(q, k, v):
         raise NotImplementedError
 
-    with pytest.raises(ExerciseError, match="not written yet"):
-        lesson06.check_attention(unfinished)
+    assert lesson06.check_attention(unfinished) is False  # a blank is reported, not raised

@@ -10,7 +10,9 @@ printing a number.
 
 A failed check raises `ExerciseError`, a subclass of AssertionError, so a wrong answer
 also fails the notebook under nbval; a blank exercise (still `raise NotImplementedError`)
-raises its subclass `NotWrittenYet`. A passed check prints a short confirmation.
+makes `check_function` raise its subclass `NotWrittenYet`, which a lesson's checker turns
+into a printed "not written yet" and a False result, so the rest of the lesson still runs.
+A passed check prints a short confirmation.
 
     check_function(
         learner_fn, reference_fn,
@@ -412,6 +414,29 @@ class Exercise:
             )
 
 
+def _reference_name(exercise: Exercise) -> str:
+    return f"{exercise.reference.__module__}.{exercise.reference.__qualname__}"
+
+
+def _runs_on(exercise: Exercise, check_name: str) -> str:
+    return (
+        f"The cells below use the package's reference, `{_reference_name(exercise)}`, so the lesson runs on without "
+        f"your answer. Stuck? `ex.{check_name}.solution()` shows the reference."
+    )
+
+
+def solution_source(exercise: Exercise) -> str:
+    """The reference's source code, as a learner who is stuck would like to read it."""
+    import inspect
+    import textwrap
+
+    try:
+        source = inspect.getsource(exercise.reference)
+    except (OSError, TypeError):  # a built-in or a lambda defined where its source cannot be read
+        return f"{_reference_name(exercise)} (no source available)"
+    return f"# {_reference_name(exercise)}\n{textwrap.dedent(source).rstrip()}"
+
+
 def checker(reference: Callable, cases, *, name: str, mistakes: Sequence[Mistake] = (), atol: float = 1e-5,
             rtol: float = 1e-5, no_grad: bool = False):
     """Declare a lesson's checker. The decorated function only gives the name and the docstring:
@@ -422,16 +447,28 @@ def checker(reference: Callable, cases, *, name: str, mistakes: Sequence[Mistake
 
     becomes `check_q_sample(fn)`, which runs `check_function` with these arguments. `cases` is
     a list of Case or a function that builds one (called at each check). The checker keeps
-    the spec in `check_q_sample.exercise` (an Exercise), so tests reach every reference.
+    the spec in `check_q_sample.exercise` (an Exercise), so tests reach every reference, and
+    `check_q_sample.solution()` prints the reference's source.
+
+    Unlike `check_function`, the checker does not raise for a blank exercise: it prints
+    that the exercise is not written yet and which reference the next cells use, and
+    returns False, so a learner's notebook still runs from top to bottom (Run All). A wrong
+    answer raises ExerciseError.
     """
     exercise = Exercise(name, reference, cases, tuple(mistakes), atol, rtol, no_grad)
 
     def decorate(stub: Callable) -> Callable:
         @functools.wraps(stub)
         def check(fn) -> bool:
-            return exercise.check(fn)
+            try:
+                return exercise.check(fn)
+            except NotWrittenYet as blank:
+                # A blank exercise is not a wrong answer: say so and let the lesson run on (Run All).
+                print(f"{blank}\n{_runs_on(exercise, stub.__name__)}")
+                return False
 
         check.exercise = exercise
+        check.solution = lambda: print(solution_source(exercise))
         return check
 
     return decorate
