@@ -18,8 +18,10 @@ $(STAMP): requirements.txt pyproject.toml
 # LAB_ARGS passes options to JupyterLab, e.g. `make lab LAB_ARGS="--no-browser --port 8899"`.
 # Jupyter refuses to run as root (containers, cloud VMs) unless told that it is intended.
 LAB_ARGS ?=
+# The learner's copies go to lab/ (exercises blank; never overwritten once there); notebooks/ keeps the worked lessons.
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS) notebooks/00_welcome.ipynb
+	$(PY) tools/learner_notebooks.py --out lab notebooks/*.ipynb
+	$(VENV)/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS) lab/00_welcome.ipynb
 
 test: $(STAMP)
 	$(VENV)/bin/pytest
