@@ -154,15 +154,22 @@ def bpe(piece: str, merge_ranks: dict, steps: list | None = None) -> list:
     return word
 
 
-def _read_bpe_files(folder: Path) -> tuple[dict, list]:
-    """vocab and merges from vocab.json + merges.txt, or from tokenizer.json (transformers >= 5 writes only that)."""
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); the file is truncated or corrupted. Copy the tokenizer folder again.") from exc
+
+
+def _read_bpe_files(folder: Path) -> tuple[dict, list, Path]:
+    """vocab, merges and the file they came from: vocab.json + merges.txt, or tokenizer.json (transformers >= 5 writes only that)."""
     if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+        vocab = _read_json(folder / "vocab.json")
         lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
         merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
         source = folder / "merges.txt"
     elif (folder / "tokenizer.json").is_file():
-        model = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8")).get("model", {})
+        model = _read_json(folder / "tokenizer.json").get("model", {})
         if model.get("type") != "BPE" or model.get("end_of_word_suffix") != END_OF_WORD:
             raise CheckpointError(f"{folder / 'tokenizer.json'} is not a CLIP BPE tokenizer (BPE with the '</w>' suffix).")
         vocab = model["vocab"]
@@ -173,10 +180,45 @@ def _read_bpe_files(folder: Path) -> tuple[dict, list]:
             f"No vocab.json + merges.txt (or tokenizer.json) in {folder}. Expected a CLIP tokenizer folder, "
             "e.g. a Stable Diffusion model's tokenizer/ folder or one written by CLIPTokenizer.save_pretrained()."
         )
+    if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
+        raise CheckpointError(f"The vocabulary of {folder} is not a JSON object of token -> id.")
     bad = [m for m in merges if len(m) != 2]
     if bad:
-        raise CheckpointError(f"{source} has merges that are not two tokens, e.g. {bad[0]}.")
-    return vocab, merges
+        raise CheckpointError(f"{source} has merges that are not two tokens, e.g. {bad[0]}; the file is cut short or corrupted.")
+    return vocab, merges, source
+
+
+def check_bpe_complete(vocab: dict, merges: list, specials, source) -> None:
+    """Refuse merges and a vocabulary that do not belong together (a file cut short).
+
+    A byte-level BPE vocabulary (CLIP's, and every one the tokenizers library trains) is
+    exactly: the 256 byte characters, the same with "</w>", one token per merge (the two
+    halves joined), and the special tokens. So, in a complete pair of files,
+
+        every vocabulary token = a byte character (+ "</w>"), a merge's result, or a special token
+        every merge's result  = a vocabulary token
+
+    merges.txt cut at a line boundary loses its last merges: their tokens are then in the
+    vocabulary but made by no merge (the first check); vocab.json cut short loses tokens that
+    merges still make (the second). Either way the tokenizer would split words differently
+    from the model's training without a word, so both are refused.
+    """
+    byte_chars = set(bytes_to_unicode().values())
+    made = {a + b for a, b in merges}
+    orphans = [t for t in vocab if t not in made and t not in specials
+               and not (t in byte_chars or (t.endswith(END_OF_WORD) and t[: -len(END_OF_WORD)] in byte_chars))]
+    if orphans:
+        raise CheckpointError(
+            f"{source}: {len(merges)} merges, but the vocabulary holds {len(orphans)} tokens that no merge makes "
+            f"(e.g. {orphans[:3]}): the merges file looks cut short (its last {len(orphans)} merges are missing). "
+            "Copy the tokenizer folder again from its source."
+        )
+    lost = [a + b for a, b in merges if a + b not in vocab]
+    if lost:
+        raise CheckpointError(
+            f"{source}: {len(lost)} merges make tokens that are not in the vocabulary (e.g. {lost[:3]}): vocab.json "
+            "looks cut short or belongs to another tokenizer. Copy the tokenizer folder again from its source."
+        )
 
 
 def _token_content(value) -> str | None:
@@ -339,13 +381,18 @@ class CLIPTokenizer:
     def from_pretrained(cls, folder, text_cleaning: str = "nfc") -> "CLIPTokenizer":
         """Read a transformers tokenizer folder: vocab.json, merges.txt and the special tokens."""
         folder = Path(folder)
-        vocab, merges = _read_bpe_files(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"No such folder: {folder}. Expected a CLIP tokenizer folder (vocab.json and merges.txt).")
+        vocab, merges, source = _read_bpe_files(folder)
         settings = {}
         for name in ("tokenizer_config.json", "special_tokens_map.json"):  # later files win, as in transformers
             path = folder / name
             if path.is_file():
-                settings.update({k: v for k, v in json.loads(path.read_text(encoding="utf-8")).items() if v is not None})
+                settings.update({k: v for k, v in _read_json(path).items() if v is not None})
         kwargs = {k: _token_content(settings[k]) for k in ("bos_token", "eos_token", "pad_token", "unk_token") if k in settings}
+        added = settings.get("added_tokens_decoder") or {}
+        specials = {BOS_TOKEN, EOS_TOKEN, *kwargs.values(), *(_token_content(v) for v in added.values())}
+        check_bpe_complete(vocab, merges, specials, source)
         if isinstance(settings.get("model_max_length"), int) and settings["model_max_length"] <= 10_000:
             kwargs["model_max_length"] = settings["model_max_length"]
         return cls(vocab, merges, text_cleaning=text_cleaning, **kwargs)

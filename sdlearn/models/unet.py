@@ -91,6 +91,7 @@ class UNetConfig(ModelConfig):
 
     library_class: ClassVar[str] = "UNet2DConditionModel"
     ignored_keys: ClassVar[frozenset] = frozenset(_FEATURES_OFF) | frozenset(_IRRELEVANT)
+    nullable_keys: ClassVar[frozenset] = frozenset({"upcast_attention"})  # SD 1.5 writes null for "off"
 
     sample_size: int | None = None  # latent height = width the model was trained at (64 -> 512 px)
     in_channels: int = 4

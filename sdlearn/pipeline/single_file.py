@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from sdlearn.models.checkpoint import CheckpointError, check_state_dict
+from sdlearn.models.checkpoint import CheckpointError, check_state_dict, refuse_non_finite
 from sdlearn.models.files import write_file
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
@@ -248,8 +248,13 @@ PICKLE_RISK = (
 )
 
 
-def read_single_file(path: Path) -> dict:
-    """A flat {name: tensor} dict from a .safetensors file or a tensors-only pickled checkpoint."""
+def read_single_file(path: Path, check_finite: bool = True) -> dict:
+    """A flat {name: tensor} dict from a .safetensors file or a tensors-only pickled checkpoint.
+
+    check_finite: refuse a file whose tensors hold NaN or infinity, naming the tensor
+    (sdlearn.models.checkpoint.refuse_non_finite says why this is the default).
+    """
+    path = Path(path)
     suffix = path.suffix.lower()
     with open(path, "rb") as f:
         head = f.read(16)
@@ -294,6 +299,8 @@ def read_single_file(path: Path) -> dict:
             state_dict = state_dict["state_dict"]  # Lightning checkpoints: {"state_dict": ..., "global_step": ...}
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise CheckpointError(f"{path} does not hold a flat dict of tensors, so it is not a Stable Diffusion checkpoint.")
+    if check_finite:
+        refuse_non_finite(state_dict, str(path))
     return state_dict
 
 
@@ -322,16 +329,25 @@ def infer_family(state_dict: dict, source: str = "the checkpoint") -> str:
     return "sd2" if open_clip else "sd1"
 
 
+SAVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # what single-file loaders read as weights
+
+
 def save_single_file(pipeline, path, overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
     """Write the pipeline as one .safetensors file in the CompVis layout (what single-file tools open).
 
     The text encoder is written as SD 1.x's CLIP (quick_gelu) or SD 2.x's open_clip (gelu),
     so that loaders recognise the family. The noise schedule and sizes are not stored: a
     loader uses the family's standard ones, or a config it is given. dtype: e.g.
-    torch.float16 to halve the file.
+    torch.float16 to halve the file (a floating dtype: an integer one would round every
+    weight to a whole number, a model that draws grey).
     """
     from safetensors.torch import save_file
 
+    if dtype is not None and dtype not in SAVE_DTYPES:
+        raise TypeError(
+            f"save_single_file(dtype=...) must be one of {[str(d) for d in SAVE_DTYPES]} (or None: as the model is), "
+            f"got {dtype!r}: weights cast to it would be rounded into a model that draws nothing."
+        )
     path = Path(path)
     if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
         raise ValueError(f"save_single_file writes safetensors; give a path ending in .safetensors, got {path.name!r}.")
