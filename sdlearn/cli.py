@@ -11,12 +11,14 @@ the course's mini-SD in data/mini-sd (made by `make train-mini-sd`). Also runnab
 """
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
 
 from PIL import Image
 
+MAX_SIDE_FACTOR = 8  # --height/--width up to this many times the model's training size, unless --allow-large
 DEFAULT_MODEL = "mini-sd"  # under sdlearn.datasets.data_dir()
 MAKE_TARGET = "train-mini-sd"
 
@@ -25,8 +27,115 @@ class CLIError(Exception):
     """Bad input: printed as one line, exit status 2."""
 
 
+# ------------------------------------------------------------------------------------------
+# Argument parsing shared by every command of the package (this CLI, python -m sdlearn.evaluate,
+# the recipes): a bad argument is refused on one line, before any work.
+# ------------------------------------------------------------------------------------------
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad argument prints one line (`prog: error: ... (see prog --help)`), exit status 2.
+
+    argparse's own error output starts with the whole usage, which for long commands is
+    a screenful in which the one line that matters is easy to miss.
+    """
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def one_line(text) -> str:
+    """A message on one line (some library errors span several)."""
+    return " ".join(str(text).split())
+
+
+def int_range(low: int | None = None, high: int | None = None):
+    """An argparse type: a whole number in [low, high] (None: unbounded)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if (low is not None and value < low) or (high is not None and value > high):
+            where = f">= {low}" if high is None else f"<= {high}" if low is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be a whole number {where}, got {value}")
+        return value
+
+    parse.__name__ = "whole number"
+    return parse
+
+
+def float_range(low: float | None = None, high: float | None = None, low_open: bool = False):
+    """An argparse type: a finite number in [low, high] ((low, high] with low_open); NaN and inf are refused."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        below = low is not None and (value <= low if low_open else value < low)
+        if below or (high is not None and value > high):
+            left = "(" if low_open else "["
+            where = f"{'>' if low_open else '>='} {low:g}" if high is None else f"<= {high:g}" if low is None \
+                else f"in {left}{low:g}, {high:g}]"
+            raise argparse.ArgumentTypeError(f"must be a number {where}, got {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+POSITIVE_INT = int_range(1)
+NON_NEGATIVE_INT = int_range(0)
+SEED = int_range(0, 2**32 - 1)  # recipes derive per-step seeds from it; torch takes up to 2**64 - 1
+POSITIVE_FLOAT = float_range(0.0, low_open=True)
+NON_NEGATIVE_FLOAT = float_range(0.0)
+FINITE_FLOAT = float_range()
+PROBABILITY = float_range(0.0, 1.0)
+
+
+def writable_folder(folder: Path, what: str) -> None:
+    """CLIError unless `folder` can be created or written to (checked before the work, not after it)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise CLIError(f"{what} {folder} is a file, not a folder; choose another {what}.")
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CLIError(f"{what} {folder}: {existing} is a file, so the folder cannot be made; choose another {what}.")
+    if not can_create_in(existing):
+        raise CLIError(f"{what} {folder}: cannot write in {existing} (no permission, or a read-only file system); choose another {what}.")
+
+
+def can_create_in(folder: Path) -> bool:
+    """Whether a file can be created in `folder`, found by creating (and removing) one: os.access
+    says yes to root everywhere and knows nothing of read-only file systems."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".sdlearn-write-test-"):
+            return True
+    except OSError:
+        return False
+
+
+def writable_file(path: Path, what: str) -> None:
+    """CLIError unless a file can be written at `path`: its folder exists and is writable, and it is not a folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise CLIError(f"{what} {path} is a folder; give a file name.")
+    if not path.parent.is_dir():
+        raise CLIError(f"{what} {path}: the folder {path.parent} does not exist; create it first or choose another path.")
+    if not can_create_in(path.parent):
+        raise CLIError(f"{what} {path}: cannot write in {path.parent} (no permission, or a read-only file system); choose another path.")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdlearn", description="sdlearn: Stable Diffusion from the ground up.")
+    parser = ArgumentParser(prog="sdlearn", description="sdlearn: Stable Diffusion from the ground up.")
     commands = parser.add_subparsers(dest="command", title="commands")
     commands.required = True
 
@@ -34,16 +143,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", help='what to draw, e.g. "a large red circle in the top left"')
     gen.add_argument("--out", required=True, type=Path, help="where to write the image (.png, .jpg, ...)")
     gen.add_argument("--model", default=None, help="a diffusers pipeline folder, a .safetensors/.ckpt file or a hub id (default: data/mini-sd)")
-    gen.add_argument("--steps", type=int, default=25, help="sampler steps (default 25)")
-    gen.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one, printed so you can repeat it)")
+    gen.add_argument("--steps", type=POSITIVE_INT, default=25, help="sampler steps (default 25)")
+    gen.add_argument("--seed", type=int_range(0, 2**64 - 1), default=None, help="random seed (default: a fresh one, printed so you can repeat it)")
     gen.add_argument("--sampler", default=None, help="ddpm, ddim, plms, euler, euler_a or dpmpp_2m (default: the model's own)")
-    gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5; <= 1 turns it off)")
+    gen.add_argument("--guidance", type=FINITE_FLOAT, default=7.5, help="classifier-free guidance scale (default 7.5; <= 1 turns it off)")
     gen.add_argument("--negative", default=None, help="negative prompt: what the image should not look like")
-    gen.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's size)")
-    gen.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's size)")
-    gen.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (0 = deterministic; only with --sampler ddim)")
+    gen.add_argument("--height", type=POSITIVE_INT, default=None, help="image height in pixels (default: the model's size)")
+    gen.add_argument("--width", type=POSITIVE_INT, default=None, help="image width in pixels (default: the model's size)")
+    gen.add_argument("--eta", type=NON_NEGATIVE_FLOAT, default=0.0, help="DDIM's eta (0 = deterministic; only with --sampler ddim)")
     gen.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
     gen.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    gen.add_argument("--allow-large", action="store_true", help=f"allow sides over {MAX_SIDE_FACTOR}x the model's training size")
     gen.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     return parser
 
@@ -64,18 +174,16 @@ def resolve_model(model: str | None) -> str | Path:
 
 
 def resolve_device(name: str | None, torch):
-    """--device as a torch.device: CUDA when available by default; a clear error for a device we lack."""
+    """--device as a torch.device: CUDA when available by default; a clear error for a device that cannot run here
+    (unknown, "meta", or an accelerator this torch does not see)."""
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from sdlearn.pipeline.loading import check_device
+
     try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise CLIError(f"--device {name!r} is not a device torch knows ({exc}); use cpu or cuda.") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError("--device cuda, but this torch sees no CUDA device. Use --device cpu (see README.md, \"Using a GPU\").")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise CLIError("--device mps, but this torch sees no Apple GPU. Use --device cpu.")
-    return device
+        return check_device(name)
+    except ValueError as exc:
+        raise CLIError(f"--{exc}") from None
 
 
 def check_out(out: Path, overwrite: bool) -> None:
@@ -91,10 +199,23 @@ def check_out(out: Path, overwrite: bool) -> None:
         raise CLIError(f"{out} has no image extension PIL can write (e.g. .png or .jpg).")
 
 
+def check_size(args, trained: int) -> None:
+    """Refuse sides far beyond the model's training size: the pipeline's own limit (max_pixels) is set
+    for a GPU and SD's 512 px, so a 100000x16 request to a 64 px model passes it and then samples for
+    many minutes (attention grows with the square of the pixels); such an image is noise anyway."""
+    limit = MAX_SIDE_FACTOR * trained
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value is not None and value > limit and not args.allow_large:
+            raise CLIError(
+                f"--{name} {value} is more than {MAX_SIDE_FACTOR}x this model's training size ({trained} px): it would run "
+                f"for very long and draw no recognisable image. Use at most {limit}, or pass --allow-large to try anyway."
+            )
+
+
 def generate(args) -> int:
     check_out(args.out, args.overwrite)
-    if args.steps < 1:
-        raise CLIError(f"--steps must be at least 1, got {args.steps}.")
+    writable_file(args.out, "--out")
     model = resolve_model(args.model)
 
     import torch  # imported here: keeps `sdlearn --help` fast
@@ -105,6 +226,7 @@ def generate(args) -> int:
     seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
     start = time.perf_counter()
     pipe = load_pipeline(model, device=device)
+    check_size(args, pipe.default_size)
     image = pipe.text_to_image(
         args.prompt,
         negative_prompt=args.negative,
@@ -118,12 +240,25 @@ def generate(args) -> int:
         progress=not args.quiet,
     )[0]
     check_out(args.out, args.overwrite)  # again: the file may have appeared while sampling
-    image.save(args.out)
+    from sdlearn.models.files import write_file
+
+    image_format = Image.registered_extensions()[args.out.suffix.lower()]
+    write_file(args.out, lambda tmp: image.save(tmp, format=image_format))  # a failed write leaves no half image
     if not args.quiet:
         sampler = args.sampler or pipe.default_sampler
         print(f"{args.out}: {image.width}x{image.height}, {sampler}, {args.steps} steps, seed {seed}, "
               f"{time.perf_counter() - start:.1f} s")
     return 0
+
+
+# What a user's input can make a command raise: printed as one line, never a traceback.
+# (ValueError covers sdlearn.models.checkpoint.CheckpointError; OSError a file that cannot be
+# read or written, e.g. no permission or a full disk.)
+USER_ERRORS = (CLIError, ValueError, TypeError, OSError)
+
+
+def report_error(prog: str, exc: BaseException) -> None:
+    print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
 
 
 def main(argv=None) -> int:
@@ -132,9 +267,12 @@ def main(argv=None) -> int:
     try:
         if args.command == "generate":
             return generate(args)
-    except (CLIError, ValueError, FileNotFoundError, FileExistsError) as exc:
-        print(f"sdlearn {args.command}: error: {exc}", file=sys.stderr)
+    except USER_ERRORS as exc:
+        report_error(f"sdlearn {args.command}", exc)
         return 2
+    except KeyboardInterrupt:
+        print(f"sdlearn {args.command}: interrupted; nothing was written.", file=sys.stderr)
+        return 130
     return 2  # unreachable: argparse requires a known command
 
 

@@ -30,7 +30,6 @@ The referee's names (is_clean_shape, classify, faithfulness, ...) were defined h
 sdlearn.referee existed; they are re-exported, so `from sdlearn.evaluate import ...` still works.
 """
 
-import argparse
 import json
 import sys
 import time
@@ -249,38 +248,93 @@ def format_text_to_image_report(report: Mapping, n: int, n_heldout: int, steps: 
 # ---------------------------------------------------------------------------------------
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sdlearn.evaluate", description="Score the shapes classifier and the course's generators.")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; 1 is fastest on a busy machine)")
+MAX_COUNT = 100_000  # images per figure the command accepts (200 take minutes; far more would run for days)
+
+
+def build_parser():
+    """The command line; every number is checked by its type (one line and exit status 2 when wrong)."""
+    from sdlearn.cli import FINITE_FLOAT, POSITIVE_INT, SEED, ArgumentParser, int_range
+
+    count = int_range(1, MAX_COUNT)
+    sampler_names = ddpm.SAMPLER_NAMES
+    parser = ArgumentParser(prog="python -m sdlearn.evaluate", description="Score the shapes classifier and the course's generators.")
+    parser.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads (default: torch's choice; 1 is fastest on a busy machine)")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("classifier", help="accuracy of the classifier per head on fresh renders")
     p.add_argument("--classifier", default=None, help="classifier folder (default data/shapes-classifier)")
-    p.add_argument("--n", type=int, default=500, help="renders per image size")
-    p.add_argument("--seed", type=int, default=EVAL_SEED)
+    p.add_argument("--n", type=count, default=500, help="renders per image size")
+    p.add_argument("--seed", type=SEED, default=EVAL_SEED)
     p = commands.add_parser("ddpm", help="clean-shape rate of the pixel-space DDPM per sampler and step count")
     p.add_argument("--model", default=None, help="DDPM folder (default data/ddpm-shapes)")
     p.add_argument("--classifier", default=None, help="classifier folder (default data/shapes-classifier)")
-    p.add_argument("--samples", type=int, default=200)
-    p.add_argument("--steps", type=int, nargs="+", default=[10, 25, 50])
-    p.add_argument("--samplers", nargs="+", default=None, help="default: all six")
-    p.add_argument("--guidance", type=float, default=None, help="guidance scale of a conditional model (default: its recorded choice)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples", type=count, default=200)
+    p.add_argument("--steps", type=POSITIVE_INT, nargs="+", default=[10, 25, 50])
+    p.add_argument("--samplers", nargs="+", default=None, choices=sampler_names, metavar="SAMPLER", help=f"default: all six ({', '.join(sampler_names)})")
+    p.add_argument("--guidance", type=FINITE_FLOAT, default=None, help="guidance scale of a conditional model (default: its recorded choice)")
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the table to this JSON file")
     p = commands.add_parser("text-to-image", help="faithfulness of a text-to-image pipeline (default data/mini-sd) per sampler")
     p.add_argument("--model", default=None, help="any source sdlearn.load_pipeline accepts (default data/mini-sd)")
     p.add_argument("--classifier", default=None, help="classifier folder (default data/shapes-classifier)")
-    p.add_argument("--samplers", nargs="+", default=["ddim"], help="sampler names (default: ddim)")
-    p.add_argument("--n", type=int, default=200, help="prompts of training pairs")
-    p.add_argument("--heldout", type=int, default=100, help="prompts of the held-out pairs")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's recorded choice, else 4)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samplers", nargs="+", default=["ddim"], choices=sampler_names, metavar="SAMPLER", help=f"sampler names (default: ddim; {', '.join(sampler_names)})")
+    p.add_argument("--n", type=count, default=200, help="prompts of training pairs")
+    p.add_argument("--heldout", type=count, default=100, help="prompts of the held-out pairs")
+    p.add_argument("--steps", type=POSITIVE_INT, default=25)
+    p.add_argument("--guidance", type=FINITE_FLOAT, default=None, help="guidance scale (default: the model's recorded choice, else 4)")
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the report to this JSON file")
+    return parser
+
+
+def prepare(args) -> dict:
+    """Everything the evaluation needs, loaded and checked before it starts (a bad argument costs
+    seconds, not the evaluation): the classifier, the model, its schedule against --steps, --json."""
+    from sdlearn.cli import writable_file
+    from sdlearn.diffusion.scheduler_configs import sampler_from_config
+
+    if getattr(args, "json", None) is not None:
+        writable_file(args.json, "--json")
+    prepared = {"classifier": load_classifier(args.classifier)}  # None: the shipped data/shapes-classifier
+    if args.command == "ddpm":
+        model = data_path(ddpm.DEFAULT_FOLDER, ddpm.MAKE_TARGET) if args.model is None else Path(args.model)
+        if not model.is_dir():
+            raise FileNotFoundError(f"--model {model}: no such folder (expected a DDPM folder with unet/ and scheduler/).")
+        _, schedule_config = ddpm.load_ddpm(model)
+        for name in args.samplers or ddpm.SAMPLER_NAMES:
+            for k in args.steps:
+                sampler_from_config(schedule_config, name).set_timesteps(k)  # too many steps for the schedule: a clear error
+        prepared["model"] = model
+    elif args.command == "text-to-image":
+        from sdlearn.pipeline.loading import load_pipeline  # the pipeline pulls in every model class
+
+        model = args.model if args.model is not None else data_path("mini-sd", "train-mini-sd")
+        pipe = load_pipeline(model)
+        for name in args.samplers:
+            sampler_from_config(pipe.scheduler_config, name).set_timesteps(args.steps)
+        prepared.update(model=model, pipe=pipe)
+    return prepared
+
+
+def write_json(path: Path, report: dict) -> None:
+    """The report, written atomically (a failed write keeps an older file whole)."""
+    from sdlearn.models.files import write_text
+
+    write_text(path, json.dumps(report, indent=2) + "\n")
+
+
+def main(argv=None) -> int:
+    from sdlearn.cli import USER_ERRORS, report_error
+
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-
-    classifier = load_classifier(args.classifier)  # None: the shipped data/shapes-classifier
+    try:
+        prepared = prepare(args)
+    except USER_ERRORS as exc:
+        report_error(f"{parser.prog} {args.command}", exc)
+        return 2
+    classifier = prepared["classifier"]
     if args.command == "classifier":
         for size in (64, 32):
             began = time.perf_counter()
@@ -292,7 +346,7 @@ def main(argv=None) -> int:
         return 0
     if args.command == "ddpm":
         began = time.perf_counter()
-        model = data_path(ddpm.DEFAULT_FOLDER, ddpm.MAKE_TARGET) if args.model is None else Path(args.model)
+        model = prepared["model"]
         guidance = args.guidance if args.guidance is not None else recommended_guidance(model)
         results = ddpm_clean_rates(model, args.samplers, tuple(args.steps), args.samples, args.seed, classifier,
                                    guidance_scale=guidance)
@@ -306,14 +360,11 @@ def main(argv=None) -> int:
                 report["guidance_scale"] = guidance
                 report["unconditional"] = ddpm_clean_rates(model, ["ddim"], (50,), args.samples, args.seed, classifier,
                                                            guidance_scale=1.0, unconditional=True)[("ddim", 50)]
-            args.json.write_text(json.dumps(report, indent=2) + "\n")
+            return save_report(parser.prog, args.json, report)
         return 0
     if args.command == "text-to-image":
-        from sdlearn.pipeline.loading import load_pipeline  # the pipeline pulls in every model class
-
         began = time.perf_counter()
-        model = args.model if args.model is not None else data_path("mini-sd", "train-mini-sd")
-        pipe = load_pipeline(model)
+        model, pipe = prepared["model"], prepared["pipe"]
         guidance = args.guidance if args.guidance is not None else recommended_guidance(model, default=TEXT_TO_IMAGE_GUIDANCE)
         report = text_to_image_report(pipe, args.samplers, args.n, args.heldout, args.steps, guidance, args.seed,
                                       classifier, progress=True)
@@ -323,9 +374,19 @@ def main(argv=None) -> int:
             out = {"command": command, "n": args.n, "heldout": args.heldout, "steps": args.steps, "guidance_scale": guidance,
                    "seed": args.seed, "torch_threads": torch.get_num_threads(), "cpu": cpu_name(),
                    "seconds": round(time.perf_counter() - began, 1), "samplers": report}
-            args.json.write_text(json.dumps(out, indent=2) + "\n")
+            return save_report(parser.prog, args.json, out)
         return 0
     return 2
+
+
+def save_report(prog: str, path: Path, report: dict) -> int:
+    """Write the JSON report; a write that fails now (the disk filled up during the run) is one line, status 1."""
+    try:
+        write_json(path, report)
+    except OSError as exc:
+        print(f"{prog}: error: the results above could not be written to {path}: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

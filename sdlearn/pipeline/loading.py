@@ -52,6 +52,7 @@ model.py (the original names); diffusers' loaders/single_file_utils.py (the same
 conversion as a long literal map); open_clip's transformer.py (the fused in_proj).
 """
 
+import difflib
 import json
 import os
 import re
@@ -143,9 +144,9 @@ def _configs_from(config, family: str, prediction_type: str) -> tuple[dict, Path
 
 
 def load_single_file(path: Path, device=None, dtype=None, config=None, family: str | None = None,
-                     prediction_type: str | None = None) -> StableDiffusion:
+                     prediction_type: str | None = None, check_finite: bool = True) -> StableDiffusion:
     """A StableDiffusion from one CompVis-layout checkpoint file (see the module docstring)."""
-    state_dict = read_single_file(path)
+    state_dict = read_single_file(path, check_finite=check_finite)
     found = infer_family(state_dict, str(path))
     if family is not None and family != found:
         raise CheckpointError(f"family={family!r} was asked, but {path} holds an {found} text encoder.")
@@ -210,11 +211,11 @@ def load_scheduler_config(folder: Path) -> dict:
         raise CheckpointError(f"{path} is not valid JSON ({exc}).") from exc
 
 
-def load_folder(path: Path, device=None, dtype=None) -> StableDiffusion:
+def load_folder(path: Path, device=None, dtype=None, check_finite: bool = True) -> StableDiffusion:
     read_model_index(path)
-    unet = UNet.from_pretrained(path / "unet")
-    vae = AutoencoderKL.from_pretrained(path / "vae")
-    text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder")
+    unet = UNet.from_pretrained(path / "unet", check_finite=check_finite)
+    vae = AutoencoderKL.from_pretrained(path / "vae", check_finite=check_finite)
+    text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", check_finite=check_finite)
     tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
     return _finish(StableDiffusion(unet, vae, text_encoder, tokenizer, load_scheduler_config(path)), device, dtype)
 
@@ -248,13 +249,72 @@ def download_from_hub(repo_id: str) -> Path:
 # 5. One entry point
 # ------------------------------------------------------------------------------------------
 
+
+def check_device(device) -> torch.device | None:
+    """`device` as a torch.device that can run a model here, or a ValueError that says what to use.
+
+    Refused: names torch does not know, "meta" (tensors without data: nothing can be computed
+    on it) and accelerators this torch cannot see (e.g. cuda on a machine without a GPU).
+    """
+    if device is None:
+        return None
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device {device!r} is not a device torch knows ({exc}). Use \"cpu\" or \"cuda\".") from None
+    if device.type == "meta":
+        raise ValueError('device "meta" holds no data, so no image can be computed on it. Use "cpu" or "cuda".')
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError('device "cuda", but this torch sees no CUDA GPU. Use "cpu" (see README.md, "Using a GPU").')
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r}, but this machine has {torch.cuda.device_count()} CUDA GPU(s): "
+                             f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}.")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError('device "mps", but this torch sees no Apple GPU. Use "cpu".')
+    elif device.type != "cpu":
+        backend = getattr(torch, device.type, None)
+        if not (backend is not None and hasattr(backend, "is_available") and backend.is_available()):
+            raise ValueError(f"device {str(device)!r} is not available to this torch. Use \"cpu\" or \"cuda\".")
+    return device
+
+
+def missing_path_message(source: str, path: Path) -> str:
+    """'Nothing at ...: no such file or folder', with the nearest names in its folder when one is close."""
+    parent = path.parent
+    while not parent.is_dir() and parent != parent.parent:
+        parent = parent.parent
+    near = []
+    if parent.is_dir():
+        try:
+            names = [entry.name for entry in parent.iterdir() if not entry.name.startswith(".")]
+        except OSError:
+            names = []
+        wanted = path.relative_to(parent).parts[0] if path != parent else path.name
+        near = [str(parent / name) for name in difflib.get_close_matches(wanted, names, n=3, cutoff=0.6)]
+    hint = f" Did you mean {' or '.join(near)}?" if near else ""
+    return f"Nothing at {source}: no such file or folder.{hint} {SUPPORTED}"
+
+
+def looks_local(source: str) -> bool:
+    """Whether `source` names a local path rather than a hub id ("owner/name").
+
+    A hub id has exactly one "/" and no file suffix; a name whose first part is a folder
+    here (data/mini-sdd, where data/ exists) or that starts with ".", "~" or "/" is a path.
+    """
+    if not HUB_ID.match(source) or source.startswith((".", "~", "/")):
+        return True
+    first = source.split("/", 1)[0]
+    return Path(first).is_dir() or Path(source).suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".json")
+
 def _finish(pipeline: StableDiffusion, device=None, dtype=None) -> StableDiffusion:
     """Move to device/dtype; in half precision the autoencoder stays float32 (see StableDiffusion.to)."""
     return pipeline.to(device=device, dtype=dtype)
 
 
 def load_pipeline(source, device=None, dtype: torch.dtype | None = None, *, config=None, family: str | None = None,
-                  prediction_type: str | None = None, compile: bool = False) -> StableDiffusion:
+                  prediction_type: str | None = None, compile: bool = False, check_finite: bool = True) -> StableDiffusion:
     """A StableDiffusion pipeline from a diffusers folder, a single-file checkpoint or a hub id.
 
     device: e.g. "cpu" or "cuda" (default: CPU). dtype: e.g. torch.float16 on a GPU (default:
@@ -263,7 +323,8 @@ def load_pipeline(source, device=None, dtype: torch.dtype | None = None, *, conf
     "v_prediction") override what is inferred (see the module docstring), config= gives the
     sizes of a non-standard model (a diffusers pipeline folder, or {"unet": {...}, "vae":
     {...}, "text_encoder": {...}, "scheduler": {...}, "tokenizer": folder}). compile=True
-    compiles the UNet with torch.compile on a GPU (on the first generation).
+    compiles the UNet with torch.compile on a GPU (on the first generation). check_finite=False
+    loads weights that hold NaN or infinity (refused by default: such a file draws nothing).
     """
     if not isinstance(source, (str, Path)):
         raise TypeError(f"source must be a path or a hub id (str or Path), got {type(source).__name__}.")
@@ -273,17 +334,19 @@ def load_pipeline(source, device=None, dtype: torch.dtype | None = None, *, conf
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES} (or None), got {prediction_type!r}.")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype such as torch.float16, got {dtype!r}.")
+    device = check_device(device)
     path = Path(source).expanduser()
     if path.is_file():
-        pipeline = load_single_file(path, device, dtype, config=config, family=family, prediction_type=prediction_type)
+        pipeline = load_single_file(path, device, dtype, config=config, family=family, prediction_type=prediction_type,
+                                    check_finite=check_finite)
     elif path.is_dir():
         if config is not None or family is not None or prediction_type is not None:
             raise ValueError("config=, family= and prediction_type= are for single-file checkpoints; a folder has its own configs.")
-        pipeline = load_folder(path, device, dtype)
-    elif isinstance(source, str) and HUB_ID.match(source) and not source.startswith((".", "~")):
-        pipeline = load_folder(download_from_hub(source), device, dtype)
+        pipeline = load_folder(path, device, dtype, check_finite=check_finite)
+    elif isinstance(source, str) and not looks_local(source):
+        pipeline = load_folder(download_from_hub(source), device, dtype, check_finite=check_finite)
     else:
-        raise ValueError(f"Nothing at {path}. {SUPPORTED}")
+        raise ValueError(missing_path_message(str(source), path))
     if compile:
         compile_unet(pipeline)
     return pipeline
