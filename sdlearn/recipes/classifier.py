@@ -24,7 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sdlearn.cli import POSITIVE_FLOAT, POSITIVE_INT, SEED, ArgumentParser, int_range, one_line
 from sdlearn.datasets import Shapes
+from sdlearn.recipes import check_out_folder
 from sdlearn.doctor import cpu_name
 from sdlearn.referee import EVAL_SEED, HEADS, ClassifierConfig, ShapesClassifier, render_accuracy
 from sdlearn.train import train
@@ -64,23 +66,28 @@ def classifier_loss(model: ShapesClassifier, batch: dict) -> torch.Tensor:
     return sum(model.loss(x, labels) for x, labels in batch.values())
 
 
+OUTPUTS = ("config.json", "model.safetensors", "training.json")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sdlearn.recipes.classifier", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m sdlearn.recipes.classifier", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="output folder, e.g. data/shapes-classifier")
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--train-images", type=int, default=8000, help="renders per size in the training pool")
-    parser.add_argument("--eval-images", type=int, default=500, help="fresh renders per size for the final accuracy")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=POSITIVE_INT, default=1500)
+    parser.add_argument("--batch-size", type=int_range(2), default=64, help="images per step, half of each size (at least 2)")
+    parser.add_argument("--lr", type=POSITIVE_FLOAT, default=2e-3)
+    parser.add_argument("--train-images", type=POSITIVE_INT, default=8000, help="renders per size in the training pool")
+    parser.add_argument("--eval-images", type=POSITIVE_INT, default=500, help="fresh renders per size for the final accuracy")
+    parser.add_argument("--seed", type=SEED, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace a classifier already in --out")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; 1 is fastest on a busy machine)")
+    parser.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads (default: torch's choice; 1 is fastest on a busy machine)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    if (args.out / "config.json").exists() and not args.overwrite:
-        print(f"{args.out} already holds a classifier. Pass --overwrite to replace it, or choose another --out.", file=sys.stderr)
+    try:  # before the minutes of rendering and training
+        check_out_folder(args.out, OUTPUTS, "a classifier", args.overwrite)
+    except (FileExistsError, OSError) as exc:
+        print(f"{parser.prog}: error: {one_line(exc)}", file=sys.stderr)
         return 1
 
     wall, cpu = time.perf_counter(), time.process_time()

@@ -9,16 +9,18 @@
     python -m sdlearn.recipes.clip train-tiny OUT [--steps N --batch-size B --seed S]
 """
 
-import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
 
+from sdlearn.cli import POSITIVE_FLOAT, POSITIVE_INT, SEED, ArgumentParser, one_line
 from sdlearn.datasets import Shapes, data_dir
 from sdlearn.models.clip import (BOS_TOKEN, END_OF_WORD, EOS_TOKEN, PIECE_PATTERN, CLIPTextConfig, CLIPTokenizer, TinyCLIP,
                                  bytes_to_unicode)
+from sdlearn.recipes import check_out_folder
 from sdlearn.train import train
 
 
@@ -26,6 +28,28 @@ def clip_loss_fn(model: TinyCLIP, batch) -> torch.Tensor:
     """train()'s loss_fn: batch = (images (B, 3, S, S), input_ids (B, 77))."""
     images, input_ids = batch
     return model.loss(images, input_ids)
+
+
+TINY_CLIP_OUTPUTS = ("tiny_clip.safetensors", "text_encoder/config.json", "text_encoder/model.safetensors")
+TOKENIZER_OUTPUTS = ("vocab.json", "merges.txt")
+
+
+def check_tiny_clip_settings(**settings) -> None:
+    """ValueError for a setting train_tiny_clip could not train with (checked before any work)."""
+    for name in ("steps", "batch_size", "n_images"):
+        value = settings[name]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a whole number >= 1, got {value!r}.")
+    if not isinstance(settings["seed"], int) or not 0 <= settings["seed"] < 2**32:
+        raise ValueError(f"seed must be a whole number in [0, 2**32), got {settings['seed']!r}.")
+    lr = settings["lr"]
+    if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}.")
+    size = settings["image_size"]
+    if not isinstance(size, int) or size < 8 or size & (size - 1):
+        raise ValueError(f"image_size must be a power of two >= 8, got {size!r}.")
+    if settings["batch_size"] > settings["n_images"]:
+        raise ValueError(f"batch_size {settings['batch_size']} is larger than the {settings['n_images']} images (n_images).")
 
 
 def train_tiny_clip(
@@ -46,9 +70,10 @@ def train_tiny_clip(
     excluded), so an image never meets itself as a negative. With `out`, the text encoder and
     tokenizer are saved there in transformers format, next to the rest of the model.
     """
-    if out is not None and (Path(out) / "tiny_clip.safetensors").exists() and not overwrite:
+    check_tiny_clip_settings(steps=steps, batch_size=batch_size, lr=lr, n_images=n_images, image_size=image_size, seed=seed)
+    if out is not None:
         # Checked before training, so minutes of work are not lost to a refusal at the end.
-        raise FileExistsError(f"{out} already holds a TinyCLIP. Choose another folder or pass overwrite=True (--overwrite).")
+        check_out_folder(Path(out), TINY_CLIP_OUTPUTS, "a TinyCLIP", overwrite)
     if tokenizer is None:
         tokenizer = CLIPTokenizer.from_pretrained(data_dir() / "tokenizers" / "shapes")
     dataset = Shapes(n_images, seed=seed, size=image_size, split="train", captions="partial", drop_prob=0.3)
@@ -136,19 +161,30 @@ def train_shapes_tokenizer(folder=None, vocab_size: int = 1000) -> CLIPTokenizer
 
 def main(argv=None) -> int:
     """python -m sdlearn.recipes.clip shapes-tokenizer OUT | train-tiny OUT [--steps N --batch-size B --seed S]"""
-    parser = argparse.ArgumentParser(prog="python -m sdlearn.recipes.clip", description="Rebuild the CLIP artefacts shipped in data/.")
+    parser = ArgumentParser(prog="python -m sdlearn.recipes.clip", description="Rebuild the CLIP artefacts shipped in data/.")
     commands = parser.add_subparsers(dest="command", required=True)
     tok = commands.add_parser("shapes-tokenizer", help="train the BPE vocabulary of the shapes captions")
     tok.add_argument("out", type=Path)
+    tok.add_argument("--overwrite", action="store_true", help="replace a tokenizer already in OUT")
     tiny = commands.add_parser("train-tiny", help="train TinyCLIP on shapes and save it (text_encoder/, tokenizer/, tiny_clip.safetensors)")
     tiny.add_argument("out", type=Path)
-    tiny.add_argument("--steps", type=int, default=3000)
-    tiny.add_argument("--batch-size", type=int, default=128)
-    tiny.add_argument("--lr", type=float, default=2e-3)
-    tiny.add_argument("--n-images", type=int, default=4000)
-    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--steps", type=POSITIVE_INT, default=3000)
+    tiny.add_argument("--batch-size", type=POSITIVE_INT, default=128)
+    tiny.add_argument("--lr", type=POSITIVE_FLOAT, default=2e-3)
+    tiny.add_argument("--n-images", type=POSITIVE_INT, default=4000)
+    tiny.add_argument("--seed", type=SEED, default=0)
     tiny.add_argument("--overwrite", action="store_true", help="replace an existing model in OUT")
     args = parser.parse_args(argv)
+    try:
+        if args.command == "shapes-tokenizer":
+            check_out_folder(args.out, TOKENIZER_OUTPUTS, "a tokenizer", args.overwrite)
+        else:
+            check_tiny_clip_settings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, n_images=args.n_images,
+                                     image_size=32, seed=args.seed)
+            check_out_folder(args.out, TINY_CLIP_OUTPUTS, "a TinyCLIP", args.overwrite)
+    except (FileExistsError, ValueError, OSError) as exc:
+        print(f"{parser.prog} {args.command}: error: {one_line(exc)}", file=sys.stderr)
+        return 2
     if args.command == "shapes-tokenizer":
         tokenizer = train_shapes_tokenizer(args.out)
         print(f"wrote {len(tokenizer)} tokens ({len(tokenizer.merges)} merges) to {args.out}")

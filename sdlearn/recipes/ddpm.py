@@ -107,13 +107,71 @@ from sdlearn.datasets import Shapes
 from sdlearn.ddpm import (BETA_RANGES, IMAGE_SIZE, MIN_SNR_GAMMA, PREDICTION_TYPES, DiffusionLoss, condition_vector,
                          sample, schedule, schedule_config, timestep_probabilities, training_batch, unet_config)
 from sdlearn.doctor import cpu_name
-from sdlearn.recipes import prepare_work_folder, work_folder  # noqa: F401 (work_folder: callers ask the recipe)
+from sdlearn.cli import (NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, PROBABILITY, SEED, ArgumentParser,
+                         one_line)
+from sdlearn.models.checkpoint import CheckpointError
+from sdlearn.recipes import prepare_work_folder, run_keeping_only_resumable_work, work_folder  # noqa: F401 (work_folder: callers ask the recipe)
 from sdlearn.train import PRECISIONS, EMALoss, EMATrainee, resolve_precision, train
 from sdlearn.models.unet import UNet
 
 STEPS = 4300  # the shipped model's training length (data/ddpm-shapes/training.json has its time)
 TIMESTEP_SAMPLING = ("importance", "uniform")
 GUIDANCE_SCALES = (1.5, 2.0, 2.5)  # measured at the end of a conditional run; the best is recorded
+
+
+OUTPUTS = ("unet/config.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json", "training.json")
+
+
+def check_settings(**settings) -> None:
+    """ValueError for a setting the run could not train with, before anything is written or rendered."""
+    import math
+
+    def number(name, low=None, high=None, low_open=False, integer=False, allow_none=False):
+        value = settings[name]
+        if value is None and allow_none:
+            return
+        kind = "a whole number" if integer else "a number"
+        ok = isinstance(value, int) if integer else isinstance(value, (int, float)) and math.isfinite(value)
+        ok = ok and not isinstance(value, bool)
+        if ok and low is not None:
+            ok = value > low if low_open else value >= low
+        if ok and high is not None:
+            ok = value <= high
+        if not ok:
+            where = "" if low is None else f" {'>' if low_open else '>='} {low}" + ("" if high is None else f" and <= {high}")
+            raise ValueError(f"{name} must be {kind}{where}, got {value!r}.")
+
+    number("steps", 1, integer=True)
+    number("batch_size", 1, integer=True)
+    number("train_images", 1, integer=True)
+    number("eval_samples", 0, integer=True)
+    number("seed", 0, 2**32 - 1, integer=True)
+    number("lr", 0, low_open=True)
+    number("ema_decay", 0, 1)
+    number("min_snr_gamma", 0, low_open=True, allow_none=True)
+    number("offset_noise", 0)
+    for name in ("attribute_dropout", "unconditional_prob"):
+        number(name, 0, 1)
+    if settings["timesteps"] not in TIMESTEP_SAMPLING:
+        raise ValueError(f"timesteps must be one of {list(TIMESTEP_SAMPLING)}, got {settings['timesteps']!r}.")
+    if settings["beta_schedule"] not in BETA_RANGES:
+        raise ValueError(f"beta_schedule must be one of {sorted(BETA_RANGES)}, got {settings['beta_schedule']!r}.")
+    if settings["prediction_type"] not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {list(PREDICTION_TYPES)}, got {settings['prediction_type']!r}.")
+    scales = settings["guidance_scales"]
+    if not scales or not all(isinstance(g, (int, float)) and math.isfinite(g) and g >= 0 for g in scales):
+        raise ValueError(f"guidance_scales must be finite numbers >= 0 (at least one), got {scales!r}.")
+
+
+def check_network(conditional: bool, channels: tuple, layers_per_block) -> None:
+    """ValueError for widths the UNet cannot be built with at this image size (before any work)."""
+    default = unet_config()
+    if len(channels) != default.num_levels:
+        raise ValueError(f"--channels takes {default.num_levels} widths, one per level of the UNet, got {list(channels)}.")
+    unet_config(conditional, block_out_channels=channels, layers_per_block=layers_per_block)  # heads, layers per level
+    groups = default.norm_num_groups
+    if any(c % groups for c in channels):
+        raise ValueError(f"--channels {list(channels)}: each width must be a multiple of {groups} (the GroupNorm groups).")
 
 
 class NoisyShapes:
@@ -155,13 +213,13 @@ def train_ddpm(out, steps: int = STEPS, batch_size: int = 32, lr: float = 2e-3, 
                unconditional_prob: float = 0.1, timesteps: str = "importance",
                guidance_scales: tuple = GUIDANCE_SCALES) -> dict:
     """Train, save to `out`, and return the training report (also written to out/training.json)."""
-    if timesteps not in TIMESTEP_SAMPLING:
-        raise ValueError(f"timesteps must be one of {list(TIMESTEP_SAMPLING)}, got {timesteps!r}.")
-    for name, p in (("attribute_dropout", attribute_dropout), ("unconditional_prob", unconditional_prob)):
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"{name} must be a probability in [0, 1], got {p}.")
+    check_settings(steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema_decay, train_images=train_images, seed=seed,
+                   eval_samples=eval_samples, min_snr_gamma=min_snr_gamma, offset_noise=offset_noise,
+                   attribute_dropout=attribute_dropout, unconditional_prob=unconditional_prob, timesteps=timesteps,
+                   guidance_scales=guidance_scales, beta_schedule=beta_schedule, prediction_type=prediction_type)
+    check_network(conditional, tuple(channels), layers_per_block)
     out = Path(out)
-    work = prepare_work_folder(out, "unet/config.json", "a DDPM", resume, overwrite)
+    work = prepare_work_folder(out, OUTPUTS, "a DDPM", resume, overwrite)
 
     precision = resolve_precision(precision)  # "auto": bf16 where the CPU has it natively, else fp32
     wall, cpu = time.perf_counter(), time.process_time()
@@ -246,32 +304,32 @@ def measure_end_of_run(unet: UNet, config: dict, n: int, conditional: bool, guid
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sdlearn.recipes.ddpm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m sdlearn.recipes.ddpm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="output folder, e.g. data/ddpm-shapes")
-    parser.add_argument("--steps", type=int, default=STEPS)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--ema-decay", type=float, default=0.999)
-    parser.add_argument("--train-images", type=int, default=10_000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=POSITIVE_INT, default=STEPS)
+    parser.add_argument("--batch-size", type=POSITIVE_INT, default=32)
+    parser.add_argument("--lr", type=POSITIVE_FLOAT, default=2e-3)
+    parser.add_argument("--ema-decay", type=PROBABILITY, default=0.999)
+    parser.add_argument("--train-images", type=POSITIVE_INT, default=10_000)
+    parser.add_argument("--seed", type=SEED, default=0)
     parser.add_argument("--beta-schedule", choices=sorted(BETA_RANGES), default="scaled_linear")
     parser.add_argument("--prediction-type", choices=PREDICTION_TYPES, default="v_prediction", help="what the UNet learns to output")
-    parser.add_argument("--min-snr-gamma", type=float, default=MIN_SNR_GAMMA, help="Min-SNR loss weights (0: unweighted, DDPM's L_simple)")
+    parser.add_argument("--min-snr-gamma", type=NON_NEGATIVE_FLOAT, default=MIN_SNR_GAMMA, help="Min-SNR loss weights (0: unweighted, DDPM's L_simple)")
     parser.add_argument("--timesteps", choices=TIMESTEP_SAMPLING, default="importance",
                         help="draw t in proportion to its loss weight (importance) or uniformly")
-    parser.add_argument("--offset-noise", type=float, default=0.1, help="std of the per-image, per-channel noise offset (0: plain N(0, I))")
-    parser.add_argument("--channels", type=int, nargs="+", default=[32, 32, 64], help="UNet block_out_channels")
-    parser.add_argument("--layers-per-block", type=int, nargs="+", default=[1],
+    parser.add_argument("--offset-noise", type=NON_NEGATIVE_FLOAT, default=0.1, help="std of the per-image, per-channel noise offset (0: plain N(0, I))")
+    parser.add_argument("--channels", type=POSITIVE_INT, nargs="+", default=[32, 32, 64], help="UNet block_out_channels")
+    parser.add_argument("--layers-per-block", type=POSITIVE_INT, nargs="+", default=[1],
                         help="UNet layers_per_block: one number, or one per level")
     parser.add_argument("--unconditional", action="store_true", help="do not tell the model colour, shape and size")
-    parser.add_argument("--attribute-dropout", type=float, default=0.1, help="probability of hiding each attribute from the model")
-    parser.add_argument("--unconditional-prob", type=float, default=0.1, help="probability of hiding all three at once")
-    parser.add_argument("--guidance-scales", type=float, nargs="+", default=list(GUIDANCE_SCALES),
+    parser.add_argument("--attribute-dropout", type=PROBABILITY, default=0.1, help="probability of hiding each attribute from the model")
+    parser.add_argument("--unconditional-prob", type=PROBABILITY, default=0.1, help="probability of hiding all three at once")
+    parser.add_argument("--guidance-scales", type=NON_NEGATIVE_FLOAT, nargs="+", default=list(GUIDANCE_SCALES),
                         help="guidance scales measured at the end; the best is recorded (conditional models)")
-    parser.add_argument("--eval-samples", type=int, default=200, help="DDIM-50 samples scored at the end, per guidance scale (0: skip)")
+    parser.add_argument("--eval-samples", type=NON_NEGATIVE_INT, default=200, help="DDIM-50 samples scored at the end, per guidance scale (0: skip)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run (from <out>-work/)")
     parser.add_argument("--overwrite", action="store_true", help="replace a DDPM already in --out")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice, one per core)")
+    parser.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads (default: torch's choice, one per core)")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="bf16: mixed precision (faster only on CPUs with native bf16: AVX-512 BF16 or AMX); "
                              "auto: bf16 where native, else fp32")
@@ -282,7 +340,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     command = "python -m sdlearn.recipes.ddpm " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
-        report = train_ddpm(
+        report = run_keeping_only_resumable_work(args.out, lambda: train_ddpm(
             args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay,
             train_images=args.train_images, seed=args.seed, resume=args.resume, overwrite=args.overwrite,
             eval_samples=args.eval_samples, progress=not args.no_progress, command=command,
@@ -293,9 +351,9 @@ def main(argv=None) -> int:
             keep_work=args.keep_work, precision=args.precision, conditional=not args.unconditional,
             attribute_dropout=args.attribute_dropout, unconditional_prob=args.unconditional_prob,
             timesteps=args.timesteps, guidance_scales=tuple(args.guidance_scales),
-        )
-    except (FileExistsError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        ))
+    except (CheckpointError, FileExistsError, ValueError, OSError) as exc:
+        print(f"{parser.prog}: error: {one_line(exc)}", file=sys.stderr)
         return 1
     print(json.dumps(report, indent=2))
     print(f"saved to {args.out}: {report['train_wall_seconds']:.0f} s wall, {report['train_cpu_seconds']:.0f} s CPU")

@@ -47,7 +47,6 @@ Models" (arXiv:2112.10752); Ho et al. 2020, "Denoising Diffusion Probabilistic M
 Language Supervision" (CLIP, arXiv:2103.00020).
 """
 
-import argparse
 import importlib.util
 import json
 import shutil
@@ -69,7 +68,8 @@ from sdlearn.pipeline.stable_diffusion import StableDiffusion
 from sdlearn.plotting import image_grid
 from sdlearn.diffusion.schedules import NoiseSchedule
 from sdlearn.ddpm import DiffusionLoss
-from sdlearn.recipes import prepare_work_folder, work_folder  # noqa: F401 (work_folder: callers ask the recipe)
+from sdlearn.cli import POSITIVE_FLOAT, POSITIVE_INT, ArgumentParser, one_line
+from sdlearn.recipes import prepare_work_folder, run_keeping_only_resumable_work, work_folder  # noqa: F401 (work_folder: callers ask the recipe)
 from sdlearn.train import EMALoss, EMATrainee, train
 from sdlearn.models.unet import UNet, UNetConfig
 from sdlearn.models.vae import AutoencoderKL
@@ -356,6 +356,51 @@ def choose_guidance(pipe: StableDiffusion, scales, n: int, steps: int = 25) -> d
     return {float(s): faithfulness(generate(pipe, prompts, "ddim", steps, s), requested)["all"]["accuracy"] for s in scales}
 
 
+OUTPUTS = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler", "training.json")
+
+
+def check_config(config: MiniSDConfig) -> None:
+    """ValueError for a setting the recipe could not train with (checked before anything is written)."""
+    import math
+
+    def bad(name, what):
+        raise ValueError(f"{name} must be {what}, got {getattr(config, name)!r}.")
+
+    for name in ("clip_steps", "clip_batch_size", "n_images", "steps", "batch_size", "layers_per_block", "attention_head_dim",
+                 "sample_every"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            bad(name, "a whole number >= 1")
+    if config.vae_steps is not None and (not isinstance(config.vae_steps, int) or config.vae_steps < 1):
+        bad("vae_steps", "None or a whole number >= 1")
+    if not isinstance(config.guidance_prompts, int) or config.guidance_prompts < 0:
+        bad("guidance_prompts", "a whole number >= 0")
+    if not isinstance(config.seed, int) or not 0 <= config.seed < 2**32:
+        bad("seed", "a whole number in [0, 2**32)")
+    for name in ("lr", "clip_lr"):
+        value = getattr(config, name)
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            bad(name, "a finite number > 0")
+    for name in ("caption_drop_prob", "p_uncond"):
+        value = getattr(config, name)
+        if not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            bad(name, "a probability in [0, 1]")
+    if config.ema_decay is not None and not (isinstance(config.ema_decay, (int, float)) and 0 <= config.ema_decay < 1):
+        bad("ema_decay", "None or a number in [0, 1)")
+    if config.min_snr_gamma is not None and not (isinstance(config.min_snr_gamma, (int, float)) and math.isfinite(config.min_snr_gamma)
+                                                 and config.min_snr_gamma > 0):
+        bad("min_snr_gamma", "None or a finite number > 0")
+    if config.prediction_type not in ("epsilon", "v_prediction"):
+        bad("prediction_type", "'epsilon' or 'v_prediction'")
+    if not config.guidance_scales or not all(isinstance(g, (int, float)) and math.isfinite(g) for g in config.guidance_scales):
+        bad("guidance_scales", "finite numbers (at least one)")
+    if config.batch_size > config.n_images:
+        raise ValueError(f"batch_size {config.batch_size} is larger than n_images {config.n_images}.")
+    if config.clip_batch_size > config.n_images:
+        raise ValueError(f"clip_batch_size {config.clip_batch_size} is larger than n_images {config.n_images}.")
+    unet_config(config, 64)  # widths, heads and levels the UNet can be built with
+
+
 def train_mini_sd(out, config: MiniSDConfig | None = None, resume: bool = False, overwrite: bool = False,
                   vae=None, progress: bool = True, keep_work: bool = False, text_encoder_source=None) -> StableDiffusion:
     """Run the three stages and save the pipeline to `out`; returns the StableDiffusion.
@@ -363,12 +408,15 @@ def train_mini_sd(out, config: MiniSDConfig | None = None, resume: bool = False,
     text_encoder_source: a trained text encoder folder to use instead of stage 2's training.
     """
     config = config or MiniSDConfig.small()
+    check_config(config)
     out = Path(out)
     tokenizer = CLIPTokenizer.from_pretrained(data_dir() / "tokenizers" / "shapes")
     source = Path(text_encoder_source) if text_encoder_source is not None else None
     if source is not None:
         text_encoder_folder(source, tokenizer)  # a wrong folder fails before anything is written
-    work = prepare_work_folder(out, "model_index.json", "a pipeline", resume, overwrite)
+    if vae is not None and not (Path(vae) / "config.json").is_file():
+        raise FileNotFoundError(f"--vae {vae} holds no config.json; expected a diffusers AutoencoderKL folder.")
+    work = prepare_work_folder(out, OUTPUTS, "a pipeline", resume, overwrite)
     (work / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
 
     seconds = {}
@@ -408,21 +456,21 @@ def train_mini_sd(out, config: MiniSDConfig | None = None, resume: bool = False,
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sdlearn.recipes.mini_sd", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m sdlearn.recipes.mini_sd", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="the pipeline folder to write, e.g. data/mini-sd")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run (from <out>-work/)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing pipeline in --out")
     defaults = MiniSDConfig.small()
-    parser.add_argument("--steps", type=int, default=None, help=f"UNet training steps (default {defaults.steps})")
-    parser.add_argument("--clip-steps", type=int, default=None, help=f"text encoder training steps (default {defaults.clip_steps})")
-    parser.add_argument("--vae-steps", type=int, default=None, help="autoencoder steps, if one must be trained")
-    parser.add_argument("--batch-size", type=int, default=None, help=f"UNet batch size (default {defaults.batch_size})")
-    parser.add_argument("--lr", type=float, default=None, help="UNet peak learning rate")
+    parser.add_argument("--steps", type=POSITIVE_INT, default=None, help=f"UNet training steps (default {defaults.steps})")
+    parser.add_argument("--clip-steps", type=POSITIVE_INT, default=None, help=f"text encoder training steps (default {defaults.clip_steps})")
+    parser.add_argument("--vae-steps", type=POSITIVE_INT, default=None, help="autoencoder steps, if one must be trained")
+    parser.add_argument("--batch-size", type=POSITIVE_INT, default=None, help=f"UNet batch size (default {defaults.batch_size})")
+    parser.add_argument("--lr", type=POSITIVE_FLOAT, default=None, help="UNet peak learning rate")
     parser.add_argument("--vae", default=None, help="use this diffusers AutoencoderKL folder (default: data/tiny-vae)")
     parser.add_argument("--text-encoder", default=None,
                         help="use this trained text encoder instead of training one (e.g. data/clip-shapes, lesson 08's)")
     parser.add_argument("--smoke", action="store_true", help="a seconds-long run with tiny settings (for tests)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
+    parser.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
     parser.add_argument("--keep-work", action="store_true", help="keep <out>-work/ (checkpoints, sample grids) afterwards")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -434,11 +482,11 @@ def main(argv=None) -> int:
     if config.sample_every > config.steps:
         config.sample_every = config.steps
     try:
-        pipe = train_mini_sd(args.out, config, resume=args.resume, overwrite=args.overwrite, vae=args.vae,
-                             progress=not args.no_progress, keep_work=args.keep_work,
-                             text_encoder_source=args.text_encoder)
-    except (FileExistsError, FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        pipe = run_keeping_only_resumable_work(args.out, lambda: train_mini_sd(
+            args.out, config, resume=args.resume, overwrite=args.overwrite, vae=args.vae, progress=not args.no_progress,
+            keep_work=args.keep_work, text_encoder_source=args.text_encoder))
+    except (FileExistsError, FileNotFoundError, ValueError, OSError) as error:
+        print(f"{parser.prog}: error: {one_line(error)}", file=sys.stderr)
         return 2
     record = json.loads((Path(args.out) / "training.json").read_text())
     print(pipe)

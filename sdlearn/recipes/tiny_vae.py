@@ -48,7 +48,6 @@ the four (colour, shape) pairs the training split never shows), decoded from the
 mean and clamped to [-1, 1].
 """
 
-import argparse
 import json
 import sys
 import time
@@ -57,7 +56,9 @@ from pathlib import Path
 import torch
 
 from sdlearn.autoencoder import latent_scaling_factor, psnr
+from sdlearn.cli import FINITE_FLOAT, NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, POSITIVE_INT, SEED, ArgumentParser, one_line
 from sdlearn.datasets import Shapes
+from sdlearn.recipes import check_out_folder
 from sdlearn.train import train
 from sdlearn.models.vae import AutoencoderKL, VAEConfig
 
@@ -196,6 +197,27 @@ def prepare_folder(out: Path, resume: bool, overwrite: bool) -> None:
         (out / name).unlink()
 
 
+def check_settings(**settings) -> None:
+    """ValueError for a setting the run could not train with (checked before anything is written)."""
+    import math
+
+    for name in ("steps", "batch_size", "train_images", "scaling_images", "eval_images"):
+        value = settings[name]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a whole number >= 1, got {value!r}.")
+    if not isinstance(settings["seed"], int) or not 0 <= settings["seed"] < 2**32:
+        raise ValueError(f"seed must be a whole number in [0, 2**32), got {settings['seed']!r}.")
+    for name, low_open in (("lr", True), ("kl_weight", False), ("ink_weight", False), ("edge_weight", False)):
+        value = settings[name]
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (low_open and value == 0):
+            raise ValueError(f"{name} must be a finite number {'>' if low_open else '>='} 0, got {value!r}.")
+    value = settings["logvar_init"]
+    if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value)):
+        raise ValueError(f"logvar_init must be a finite number or None, got {value!r}.")
+    if settings["batch_size"] > settings["train_images"]:
+        raise ValueError(f"batch_size {settings['batch_size']} is larger than train_images {settings['train_images']}.")
+
+
 def recipe_config(block_out_channels: tuple = BLOCK_OUT_CHANNELS, norm_num_groups: int = NORM_NUM_GROUPS) -> VAEConfig:
     """VAEConfig.tiny() with the widths this recipe trains (f = 8, 4 latent channels either way)."""
     return VAEConfig.tiny(block_out_channels=tuple(block_out_channels), norm_num_groups=norm_num_groups)
@@ -221,10 +243,14 @@ def train_tiny_vae(
     progress: bool = True,
 ) -> dict:
     """Train, measure the scaling factor, save to `out`; return the summary written to training.json."""
+    check_settings(steps=steps, batch_size=batch_size, lr=lr, kl_weight=kl_weight, ink_weight=ink_weight,
+                   edge_weight=edge_weight, train_images=train_images, seed=seed, scaling_images=scaling_images,
+                   eval_images=eval_images, logvar_init=logvar_init)
+    config = recipe_config(block_out_channels, norm_num_groups)  # widths that do not fit fail here, before any work
     out = Path(out)
+    check_out_folder(out, (), "a model", overwrite)  # a file, or a place nothing can be written
     prepare_folder(out, resume, overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    config = recipe_config(block_out_channels, norm_num_groups)
     torch.manual_seed(seed)
     model = AutoencoderKL.from_config(config)
     if logvar_init is not None:
@@ -263,22 +289,22 @@ def train_tiny_vae(
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sdlearn.recipes.tiny_vae", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m sdlearn.recipes.tiny_vae", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="output folder, e.g. data/tiny-vae")
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--kl-weight", type=float, default=1e-6)
-    parser.add_argument("--ink-weight", type=float, default=INK_WEIGHT, help="extra loss weight on the shape's pixels (0: SD's uniform loss)")
-    parser.add_argument("--edge-weight", type=float, default=EDGE_WEIGHT, help="extra loss weight on the shape's outline")
-    parser.add_argument("--train-images", type=int, default=10_000)
-    parser.add_argument("--block-out-channels", type=int, nargs=4, default=BLOCK_OUT_CHANNELS, help="widths of the 4 levels")
-    parser.add_argument("--norm-num-groups", type=int, default=NORM_NUM_GROUPS)
-    parser.add_argument("--logvar-init", type=float, default=LOGVAR_INIT, help="initial posterior log-variance")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--scaling-images", type=int, default=512, help="training images encoded to measure the scaling factor")
-    parser.add_argument("--eval-images", type=int, default=200, help="held-out images for the PSNR")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 can be faster on a busy machine)")
+    parser.add_argument("--steps", type=POSITIVE_INT, default=2000)
+    parser.add_argument("--batch-size", type=POSITIVE_INT, default=16)
+    parser.add_argument("--lr", type=POSITIVE_FLOAT, default=1e-3)
+    parser.add_argument("--kl-weight", type=NON_NEGATIVE_FLOAT, default=1e-6)
+    parser.add_argument("--ink-weight", type=NON_NEGATIVE_FLOAT, default=INK_WEIGHT, help="extra loss weight on the shape's pixels (0: SD's uniform loss)")
+    parser.add_argument("--edge-weight", type=NON_NEGATIVE_FLOAT, default=EDGE_WEIGHT, help="extra loss weight on the shape's outline")
+    parser.add_argument("--train-images", type=POSITIVE_INT, default=10_000)
+    parser.add_argument("--block-out-channels", type=POSITIVE_INT, nargs=4, default=BLOCK_OUT_CHANNELS, help="widths of the 4 levels")
+    parser.add_argument("--norm-num-groups", type=POSITIVE_INT, default=NORM_NUM_GROUPS)
+    parser.add_argument("--logvar-init", type=FINITE_FLOAT, default=LOGVAR_INIT, help="initial posterior log-variance")
+    parser.add_argument("--seed", type=SEED, default=0)
+    parser.add_argument("--scaling-images", type=POSITIVE_INT, default=512, help="training images encoded to measure the scaling factor")
+    parser.add_argument("--eval-images", type=POSITIVE_INT, default=200, help="held-out images for the PSNR")
+    parser.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads (1 can be faster on a busy machine)")
     parser.add_argument("--resume", action="store_true", help=f"continue an interrupted run from <out>/{STATE_NAME}")
     parser.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
     parser.add_argument("--no-progress", action="store_true")
@@ -294,8 +320,8 @@ def main(argv=None) -> int:
             scaling_images=args.scaling_images, eval_images=args.eval_images,
             resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
         )
-    except (FileExistsError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (FileExistsError, FileNotFoundError, ValueError, OSError) as exc:
+        print(f"{parser.prog}: error: {one_line(exc)}", file=sys.stderr)
         return 1
     print(
         f"trained {summary['steps']} steps in {summary['train_seconds_wall']:.0f} s "
