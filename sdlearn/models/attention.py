@@ -45,6 +45,7 @@ Shazeer 2020, "GLU Variants Improve Transformer".
 """
 
 import contextlib
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -187,15 +188,20 @@ def record_attention(model: nn.Module, kind: str = "cross", accumulate: bool = F
     ]
     if not chosen:
         raise ValueError(f"{type(model).__name__} has no {kind}-attention layers to record.")
+    # The recording belongs to this thread: a generation that another thread runs on the same
+    # model at the same time (a second widget, a server) is neither recorded here nor disturbed.
+    thread = threading.get_ident()
+    previous = [module.recorders.get(thread) for _, module in chosen]  # a recording this one is nested in
     for name, module in chosen:
-        module.recorder = maps
-        module.record_name = name
+        module.recorders[thread] = (maps, name)
     try:
         yield maps
     finally:
-        for _, module in chosen:
-            module.recorder = None
-            module.record_name = None
+        for (_, module), before in zip(chosen, previous):
+            if before is None:
+                module.recorders.pop(thread, None)
+            else:
+                module.recorders[thread] = before
 
 
 def use_fused_attention(model: nn.Module, fused: bool = True) -> nn.Module:
@@ -235,13 +241,19 @@ class Attention(nn.Module):
         self.cross_attention_dim = cross_attention_dim if cross_attention_dim is not None else query_dim
         self.upcast_attention = upcast_attention
         self.fused = True  # use F.scaled_dot_product_attention; same numbers, faster
-        self.recorder = None  # an AttentionMaps while inside record_attention()
-        self.record_name = None
+        # thread id -> (AttentionMaps, this layer's name) while that thread is inside record_attention()
+        self.recorders = {}
 
         self.to_q = nn.Linear(query_dim, inner_dim, bias=bias)
         self.to_k = nn.Linear(self.cross_attention_dim, inner_dim, bias=bias)
         self.to_v = nn.Linear(self.cross_attention_dim, inner_dim, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(inner_dim, query_dim, bias=out_bias), nn.Dropout(dropout)])
+
+    @property
+    def recorder(self):
+        """The AttentionMaps recording this layer for the calling thread (inside record_attention), else None."""
+        recording = self.recorders.get(threading.get_ident())
+        return None if recording is None else recording[0]
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         if context is None:
@@ -256,9 +268,10 @@ class Attention(nn.Module):
         k = split_heads(self.to_k(context), self.heads)  # (B, heads, L_k, d)
         v = split_heads(self.to_v(context), self.heads)  # (B, heads, L_k, d)
 
-        if self.recorder is not None:
+        recording = self.recorders.get(threading.get_ident()) if self.recorders else None
+        if recording is not None:
             probs = attention_probabilities(q, k, self.scale, self.upcast_attention)  # (B, heads, L_q, L_k)
-            self.recorder.store(self.record_name, probs)
+            recording[0].store(recording[1], probs)
             out = probs @ v
         elif self.fused:
             # upcast_attention is not needed here: the fused kernels accumulate the softmax in
