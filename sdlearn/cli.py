@@ -12,6 +12,7 @@ the course's mini-SD in data/mini-sd (made by `make train-mini-sd`). Also runnab
 
 import argparse
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -41,7 +42,12 @@ class ArgumentParser(argparse.ArgumentParser):
     """
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+        # "argument --steps: must be at least 1, got 0" reads "--steps must be at least 1, got 0"
+        message = re.sub(r"^argument (--[\w-]+(?:/--?[\w-]+)?): (must|expected)", r"\1 \2", one_line(message))
+        commands = [a for a in self._actions if isinstance(a, argparse._SubParsersAction)]
+        if commands and "required: command" in message:  # no command given: say which there are
+            message = f"give a command: {', '.join(commands[0].choices)}"
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def one_line(text) -> str:
@@ -58,8 +64,9 @@ def int_range(low: int | None = None, high: int | None = None):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
         if (low is not None and value < low) or (high is not None and value > high):
-            where = f">= {low}" if high is None else f"<= {high}" if low is None else f"in [{low}, {high}]"
-            raise argparse.ArgumentTypeError(f"must be a whole number {where}, got {value}")
+            where = f"at least {low}" if high is None else f"a whole number <= {high}" if low is None \
+                else f"a whole number in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be {where}, got {value}")
         return value
 
     parse.__name__ = "whole number"
@@ -79,9 +86,9 @@ def float_range(low: float | None = None, high: float | None = None, low_open: b
         below = low is not None and (value <= low if low_open else value < low)
         if below or (high is not None and value > high):
             left = "(" if low_open else "["
-            where = f"{'>' if low_open else '>='} {low:g}" if high is None else f"<= {high:g}" if low is None \
-                else f"in {left}{low:g}, {high:g}]"
-            raise argparse.ArgumentTypeError(f"must be a number {where}, got {text}")
+            where = (f"a number > {low:g}" if low_open else f"at least {low:g}") if high is None \
+                else f"a number <= {high:g}" if low is None else f"a number in {left}{low:g}, {high:g}]"
+            raise argparse.ArgumentTypeError(f"must be {where}, got {text}")
         return value
 
     parse.__name__ = "number"
@@ -263,7 +270,10 @@ def report_error(prog: str, exc: BaseException) -> None:
 
 def main(argv=None) -> int:
     """Entry point of the `sdlearn` command (and of `python -m sdlearn`)."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # a bad argument (already printed, one line) or --help
+        return exit_.code if isinstance(exit_.code, int) else 2
     try:
         if args.command == "generate":
             return generate(args)
