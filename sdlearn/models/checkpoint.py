@@ -175,12 +175,12 @@ def refuse_non_finite(state_dict: dict, source: str) -> None:
     file is never worth loading silently: its bytes were corrupted (a bad copy or download),
     or it was saved from a run whose loss diverged. Corruption that leaves finite values
     cannot be seen here; compare the file's sha256 with its publisher's for that. Cost: one
-    pass over the weights (max |w|, no copy), a small part of reading them from disk.
+    pass over the weights (max |w|), a fraction of the load (tools/bench_finite_check.py measures it).
     """
     for name, tensor in state_dict.items():
         if not (isinstance(tensor, torch.Tensor) and tensor.is_floating_point()) or tensor.numel() == 0:
             continue
-        if not math.isfinite(torch.linalg.vector_norm(tensor.detach(), ord=math.inf).item()):
+        if not math.isfinite(tensor.detach().abs().amax().item()):  # NaN propagates through max
             bad = int((~torch.isfinite(tensor.detach())).sum())
             raise CheckpointError(
                 f"{source}: tensor {name!r} holds {bad} NaN or infinite values of {tensor.numel()}; the file is corrupted "

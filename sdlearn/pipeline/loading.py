@@ -241,7 +241,8 @@ def download_from_hub(repo_id: str) -> Path:
         # Offline, only the local cache is looked at: this never touches the network.
         return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=offline))
     except Exception as exc:  # no connection, unknown repository, gated model, not in the cache ...
-        reason = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else f"downloading it failed ({type(exc).__name__}: {exc})"
+        first_line = (str(exc).strip().splitlines() or [""])[0]  # huggingface_hub's messages run over several lines
+        reason = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else f"downloading it failed ({type(exc).__name__}: {first_line})"
         raise ValueError(hub_offline_message(repo_id, reason)) from exc
 
 
