@@ -151,7 +151,9 @@ def check_settings(**settings) -> None:
     number("min_snr_gamma", 0, low_open=True, allow_none=True)
     number("offset_noise", 0)
     for name in ("attribute_dropout", "unconditional_prob"):
-        number(name, 0, 1)
+        value = settings[name]
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1):  # NaN fails too
+            raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}.")
     if settings["timesteps"] not in TIMESTEP_SAMPLING:
         raise ValueError(f"timesteps must be one of {list(TIMESTEP_SAMPLING)}, got {settings['timesteps']!r}.")
     if settings["beta_schedule"] not in BETA_RANGES:
@@ -322,8 +324,9 @@ def main(argv=None) -> int:
     parser.add_argument("--layers-per-block", type=POSITIVE_INT, nargs="+", default=[1],
                         help="UNet layers_per_block: one number, or one per level")
     parser.add_argument("--unconditional", action="store_true", help="do not tell the model colour, shape and size")
-    parser.add_argument("--attribute-dropout", type=PROBABILITY, default=0.1, help="probability of hiding each attribute from the model")
-    parser.add_argument("--unconditional-prob", type=PROBABILITY, default=0.1, help="probability of hiding all three at once")
+    # (these two are checked by train_ddpm's check_settings: "must be a probability in [0, 1]")
+    parser.add_argument("--attribute-dropout", type=float, default=0.1, help="probability of hiding each attribute from the model")
+    parser.add_argument("--unconditional-prob", type=float, default=0.1, help="probability of hiding all three at once")
     parser.add_argument("--guidance-scales", type=NON_NEGATIVE_FLOAT, nargs="+", default=list(GUIDANCE_SCALES),
                         help="guidance scales measured at the end; the best is recorded (conditional models)")
     parser.add_argument("--eval-samples", type=NON_NEGATIVE_INT, default=200, help="DDIM-50 samples scored at the end, per guidance scale (0: skip)")
