@@ -448,9 +448,9 @@ def test_recipes_refuse_bad_arguments_and_leftovers_before_training(module, tmp_
     def trained(*args, **kwargs):
         raise AssertionError("training started before the argument error")
 
-    monkeypatch.setattr(sdlearn.train, "train", trained)
-    for name in ("ddpm", "mini_sd", "tiny_vae", "classifier", "clip"):
+    for name in ("ddpm", "mini_sd", "tiny_vae", "classifier", "clip"):  # first: importing a recipe binds the real train
         monkeypatch.setattr(f"sdlearn.recipes.{name}.train", trained)
+    monkeypatch.setattr(sdlearn.train, "train", trained)
     out = tmp_path / "model"
     for args, message in RECIPE_FAULTS[module]:
         code, err = run_module(module, recipe_args(module, out, args), capsys)
