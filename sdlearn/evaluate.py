@@ -62,13 +62,64 @@ from sdlearn.referee import (  # noqa: F401 (re-exported)
     clean_shape_scores,
     faithfulness,
     format_faithfulness,
+    clean_and_asked,
     is_clean_shape,
+    judges_agreement,
     load_classifier,
+    match_render,
     render_accuracy,
     render_errors,
 )
 
 TEXT_TO_IMAGE_GUIDANCE = 4.0  # for a text-to-image model whose folder records no guidance scale
+
+
+# ---------------------------------------------------------------------------------------
+# The referee itself, on fresh renders
+# ---------------------------------------------------------------------------------------
+
+
+def classifier_report(n: int = 500, seed: int = EVAL_SEED, classifier=None, sizes=(64, 32)) -> dict:
+    """{"64px": {"accuracy": {head: rate}, "clean_rate": rate, "judges_agree": {...}, "seconds": s}, "32px": ...}:
+    the referee on n fresh renders of all 32 (colour, shape) pairs per image size: the classifier's
+    accuracy per head, the fraction is_clean_shape passes, and its agreement with match_render."""
+    report = {}
+    for size in sizes:
+        began = time.perf_counter()
+        renders = Shapes(n, seed=seed, size=size, split="all").tensors()
+        scores = clean_shape_scores(renders, classifier)
+        report[f"{size}px"] = {
+            "accuracy": render_accuracy(n, seed, size, classifier),
+            "clean_rate": scores.rate,
+            "judges_agree": judges_agreement(renders, predictions=scores.predictions),
+            "seconds": round(time.perf_counter() - began, 1),
+        }
+    return report
+
+
+def format_classifier_report(report: Mapping, n: int, seed: int) -> str:
+    lines = []
+    for size, row in report.items():
+        cells = "  ".join(f"{name} {100 * value:.1f}%" for name, value in row["accuracy"].items())
+        lines.append(f"{size[:-2]} px, {n} fresh renders (seed {seed}): {cells}  | clean-shape rate "
+                     f"{100 * row['clean_rate']:.1f}%  | judges agree {100 * row['judges_agree']['all']:.1f}%  ({row['seconds']:.1f} s)")
+    return "\n".join(lines)
+
+
+def record_classifier(path, n: int = 500, seed: int = EVAL_SEED, classifier=None) -> dict:
+    """classifier_report, printed and written to `path` (data/shapes-classifier/evaluation.json is this
+    with the defaults: the clean-shape rate of real renders the READMEs quote)."""
+    report = classifier_report(n, seed, classifier)
+    print(format_classifier_report(report, n, seed))
+    command = f'python -c "import sdlearn.evaluate as e; e.record_classifier({str(path)!r}, n={n}, seed={seed})"'
+    return write_record(path, command, n=n, seed=seed, sizes=report)
+
+
+def write_record(path, command: str, **fields) -> dict:
+    """Write an evaluation record (JSON): the command, the machine, then `fields`; returns it."""
+    record = {"command": command, "torch_threads": torch.get_num_threads(), "cpu": cpu_name(), **fields}
+    Path(path).write_text(json.dumps(record, indent=2) + "\n")
+    return record
 
 
 # ---------------------------------------------------------------------------------------
@@ -78,7 +129,7 @@ TEXT_TO_IMAGE_GUIDANCE = 4.0  # for a text-to-image model whose folder records n
 
 def ddpm_clean_rates(model=None, samplers=None, steps=(10, 25, 50), n: int = 200, seed: int = 0, classifier=None,
                      progress: bool = True, guidance_scale: float | None = None, unconditional: bool = False) -> dict:
-    """{(sampler, steps): {"clean_rate", "asked_rate", "seconds_per_image"}} for the pixel-space DDPM in `model`.
+    """{(sampler, steps): {"clean_rate", "asked_rate", "seconds_per_image", "judges_agree"}} for the pixel-space DDPM in `model`.
 
     An attribute-conditional model (the shipped one) is asked for the colour, shape and size
     of `attribute_set(n)`, with `guidance_scale` (default: the one its training.json
@@ -105,7 +156,8 @@ def ddpm_clean_rates(model=None, samplers=None, steps=(10, 25, 50), n: int = 200
             if conditional:
                 right = [all(read[h] == want[h] for h in want) for read, want in zip(scores.predictions.names(), asked)]
                 asked_rate = (scores.clean & torch.tensor(right)).float().mean().item()
-            results[(name, k)] = {"clean_rate": scores.rate, "asked_rate": asked_rate, "seconds_per_image": seconds}
+            results[(name, k)] = {"clean_rate": scores.rate, "asked_rate": asked_rate, "seconds_per_image": seconds,
+                                  "judges_agree": judges_agreement(images, predictions=scores.predictions)}
     return results
 
 
@@ -126,6 +178,12 @@ def format_clean_rates(results: Mapping, n: int, guidance_scale: float | None = 
             cell = f"{rate} ({row['seconds_per_image']:.3f} s)"
             cells += f"{cell:>26}"
         lines.append(f"{name:<10}{cells}")
+    if all("judges_agree" in row for row in results.values()):
+        lines.append("the classifier and the render-matching judge read the same colour, shape, size and position for")
+        for name in samplers:
+            rates = [f"{100 * results[name, k]['judges_agree']['all']:.1f}%" for k in steps]
+            cells = "".join(f"{rate:>26}" for rate in rates)
+            lines.append(f"{name:<10}{cells}")
     return "\n".join(lines)
 
 
@@ -184,7 +242,12 @@ def text_to_image_report(pipe, samplers=("ddim",), n: int = 200, n_heldout: int 
                          progress: bool = False) -> dict:
     """Faithfulness of a text-to-image pipeline, per sampler: the table on n training-pair prompts
     naming all four attributes, and on n_heldout prompts of the HELD_OUT pairs (with the rate at
-    which colour and shape are both right), plus seconds per image."""
+    which colour and shape are both right), plus seconds per image.
+
+    Beside the per-attribute figures: the "clean and as asked" rate (referee.clean_and_asked: a
+    clean shape with all four attributes right), on both prompt sets, and how often the
+    classifier and the render-matching judge agree on the training-pair images
+    (referee.judges_agreement, per head and "all")."""
     prompts, requested = prompt_set(n, "train")
     held_prompts, held_requested = prompt_set(n_heldout, "test")
     report = {}
@@ -195,8 +258,11 @@ def text_to_image_report(pipe, samplers=("ddim",), n: int = 200, n_heldout: int 
         held = generate(pipe, held_prompts, name, steps, guidance_scale, seed=seed + 1000, progress=progress)
         report[name] = {
             "train_pairs": faithfulness(images, requested, classifier),
+            "train_pairs_clean_and_asked": clean_and_asked(images, requested, classifier),
             "held_out": faithfulness(held, held_requested, classifier),
             "held_out_pair_accuracy": pair_accuracy(held, held_requested, classifier),
+            "held_out_clean_and_asked": clean_and_asked(held, held_requested, classifier),
+            "judges_agree": judges_agreement(images, classifier),
             "seconds_per_image": seconds,
         }
     return report
@@ -237,10 +303,19 @@ def format_text_to_image_report(report: Mapping, n: int, n_heldout: int, steps: 
     heads = (*HEADS, "all")
     lines = [f"faithfulness: {n} prompts naming all four attributes ({steps} steps, guidance {guidance_scale:g}); "
              f"held out: {n_heldout} prompts of the HELD_OUT pairs"]
-    lines.append(f"{'sampler':<10}" + "".join(f"{h:>10}" for h in heads) + f"{'held-out pair':>15}{'s/image':>9}")
+    lines.append(f"{'sampler':<10}" + "".join(f"{h:>10}" for h in heads) + f"{'clean+asked':>13}{'held-out pair':>15}"
+                 f"{'clean+asked':>13}{'s/image':>9}")
     for name, row in report.items():
         cells = "".join(f"{100 * row['train_pairs'][h]['accuracy']:9.1f}%" for h in heads)
-        lines.append(f"{name:<10}{cells}{100 * row['held_out_pair_accuracy']:14.1f}%{row['seconds_per_image']:9.3f}")
+        clean = f"{100 * row['train_pairs_clean_and_asked']['accuracy']:12.1f}%"
+        held_clean = f"{100 * row['held_out_clean_and_asked']['accuracy']:12.1f}%"
+        lines.append(f"{name:<10}{cells}{clean}{100 * row['held_out_pair_accuracy']:14.1f}%{held_clean}"
+                     f"{row['seconds_per_image']:9.3f}")
+    lines.append("clean+asked: a clean shape (is_clean_shape) with all four attributes as asked (held out: on its prompts)")
+    lines.append("the classifier and the render-matching judge read the same attributes (training-pair images):")
+    lines.append(f"{'sampler':<10}" + "".join(f"{h:>10}" for h in heads))
+    for name, row in report.items():
+        lines.append(f"{name:<10}" + "".join(f"{100 * row['judges_agree'][h]:9.1f}%" for h in heads))
     return "\n".join(lines)
 
 
