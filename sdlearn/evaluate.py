@@ -179,11 +179,10 @@ def format_clean_rates(results: Mapping, n: int, guidance_scale: float | None = 
             cells += f"{cell:>26}"
         lines.append(f"{name:<10}{cells}")
     if all("judges_agree" in row for row in results.values()):
-        lines.append("the classifier and the render-matching judge read the same colour, shape, size and position for")
+        lines.append(f"images (of {n}) on which the classifier and the render-matching judge read the same four attributes")
         for name in samplers:
-            rates = [f"{100 * results[name, k]['judges_agree']['all']:.1f}%" for k in steps]
-            cells = "".join(f"{rate:>26}" for rate in rates)
-            lines.append(f"{name:<10}{cells}")
+            counts = [f"{round(n * results[name, k]['judges_agree']['all'])}/{n}" for k in steps]
+            lines.append(f"{name:<10}" + "".join(f"{count:>26}" for count in counts))
     return "\n".join(lines)
 
 
