@@ -10,7 +10,13 @@ A text-to-image pipeline, given prompts that name all four attributes (`prompt_s
     accuracy_h = mean_i [read(x_i)_h = asked_i,h]    per head h, and for all four at once  (referee.faithfulness)
 
 on prompts of the 28 training (colour, shape) pairs and, separately, of the four HELD_OUT
-pairs (compositional generalisation: were colour and shape both right?).
+pairs (compositional generalisation: were colour and shape both right?), and beside them
+
+    clean and as asked = mean_i [clean(x_i) and read(x_i)_h = asked_i,h for every h]   (referee.clean_and_asked)
+
+The referee's own error on generated images: every report also gives how often the
+classifier and a second judge that reads by rendering (referee.match_render) read the same
+attributes (referee.judges_agreement); `classifier_report` gives the same on real renders.
 
 Command line:
 
@@ -59,10 +65,10 @@ from sdlearn.referee import (  # noqa: F401 (re-exported)
     ShapesClassifier,
     as_batch,
     classify,
+    clean_and_asked,
     clean_shape_scores,
     faithfulness,
     format_faithfulness,
-    clean_and_asked,
     is_clean_shape,
     judges_agreement,
     load_classifier,
