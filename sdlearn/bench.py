@@ -76,8 +76,8 @@ class Timing:
         return self.ours.best / self.theirs.best
 
     def record(self) -> dict:
-        """This case as JSON-ready numbers (milliseconds, rounded to 0.1 ms; ratios to 3 decimals)."""
-        ms = lambda seconds: round(seconds * 1000, 1)  # noqa: E731
+        """This case as JSON-ready numbers (milliseconds, rounded to 1 us; ratios to 3 decimals)."""
+        ms = lambda seconds: round(seconds * 1000, 3)  # noqa: E731
         return {
             "label": self.label, "calls": len(self.ours),
             "sdlearn_ms": ms(self.ours_s), "diffusers_ms": ms(self.theirs_s), "ratio": round(self.ratio, 3),

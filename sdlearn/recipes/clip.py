@@ -204,7 +204,7 @@ def main(argv=None) -> int:
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "command"}
         accuracy = write_record(args.out, argv, settings, model, tokenizer, history)["caption_accuracy"]
         print(f"right caption among 32: {accuracy['train']:.1%} of unseen training-pair images, "
-              f"{accuracy['test']:.1%} of held-out pairs (chance 3%)")
+              f"{accuracy['test']:.1%} of held-out pairs (chance 1 in 32)")
     return 0
 
 
