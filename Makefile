@@ -33,26 +33,56 @@ notebooks: $(STAMP)
 	$(PY) tools/execute_notebooks.py $(if $(NB),$(NB),notebooks/*.ipynb)
 
 # Reproduce the shipped artefacts in data/ (data/README.md lists times and quality).
-train-clip: $(STAMP)
-	$(PY) -m sdlearn.recipes.clip train-tiny data/clip-shapes --steps 3000 --batch-size 128 $(if $(OVERWRITE),--overwrite)
+# Each target takes overrides on the command line, defaults being the shipped run's:
+#   OUT      the folder to write (default: the shipped one in data/; OVERWRITE=1 replaces it)
+#   STEPS    training steps
+#   SAMPLES  evaluation samples (train-ddpm, train-mini-sd; HELDOUT: held-out prompts of train-mini-sd)
+#   ARGS     more options for the recipe, EVAL_ARGS for the evaluation that follows it
+# e.g. `make train-ddpm OUT=/tmp/ddpm STEPS=20 SAMPLES=4`. INSTALL= skips the virtual
+# environment's install step (with PY=some/python, as tests/test_commands.py runs every target).
+INSTALL = $(STAMP)
+ARGS =
+EVAL_ARGS =
 
-train-tiny-vae: $(STAMP)
-	$(PY) -m sdlearn.recipes.tiny_vae --out data/tiny-vae --threads 1 $(if $(OVERWRITE),--overwrite)
+train-clip: OUT = data/clip-shapes
+train-clip: STEPS = 3000
+train-clip: $(INSTALL)
+	$(PY) -m sdlearn.recipes.clip train-tiny $(OUT) --steps $(STEPS) --batch-size 128 $(ARGS) $(if $(OVERWRITE),--overwrite)
+
+train-tiny-vae: OUT = data/tiny-vae
+train-tiny-vae: STEPS = 2000
+train-tiny-vae: $(INSTALL)
+	$(PY) -m sdlearn.recipes.tiny_vae --out $(OUT) --steps $(STEPS) --threads 1 $(ARGS) $(if $(OVERWRITE),--overwrite)
+
+train-classifier: OUT = data/shapes-classifier
+train-classifier: STEPS = 1500
+train-classifier: SAMPLES = 500
+train-classifier: $(INSTALL)
+	$(PY) -m sdlearn.recipes.classifier --out $(OUT) --steps $(STEPS) --threads 1 $(ARGS) $(if $(OVERWRITE),--overwrite)
+	$(PY) -m sdlearn.evaluate classifier --classifier $(OUT) --n $(SAMPLES) --json $(OUT)/evaluation.json $(EVAL_ARGS)
 
 # --precision auto: bf16 mixed precision on CPUs with native bf16 (1.5x faster there), fp32 on others (where bf16 measured 14x slower).
-train-ddpm: $(STAMP)
-	$(PY) -m sdlearn.recipes.ddpm --out data/ddpm-shapes --precision auto $(if $(OVERWRITE),--overwrite)
-	$(PY) -m sdlearn.evaluate ddpm --samples 200 --json data/ddpm-shapes/evaluation.json
+train-ddpm: OUT = data/ddpm-shapes
+train-ddpm: STEPS = 4300
+train-ddpm: SAMPLES = 200
+train-ddpm: $(INSTALL)
+	$(PY) -m sdlearn.recipes.ddpm --out $(OUT) --steps $(STEPS) --precision auto $(ARGS) $(if $(OVERWRITE),--overwrite)
+	$(PY) -m sdlearn.evaluate ddpm --model $(OUT) --samples $(SAMPLES) $(EVAL_ARGS) --json $(OUT)/evaluation.json
 
-train-mini-sd: $(STAMP)
-	$(PY) -m sdlearn.recipes.mini_sd --out data/mini-sd --text-encoder data/clip-shapes --steps 4600 $(if $(OVERWRITE),--overwrite)
-	$(PY) -m sdlearn.evaluate text-to-image --samplers ddim euler dpmpp_2m --json data/mini-sd/evaluation.json
+train-mini-sd: OUT = data/mini-sd
+train-mini-sd: STEPS = 4600
+train-mini-sd: SAMPLES = 200
+train-mini-sd: HELDOUT = 100
+train-mini-sd: TEXT_ENCODER = data/clip-shapes
+train-mini-sd: $(INSTALL)
+	$(PY) -m sdlearn.recipes.mini_sd --out $(OUT) --text-encoder $(TEXT_ENCODER) --steps $(STEPS) $(ARGS) $(if $(OVERWRITE),--overwrite)
+	$(PY) -m sdlearn.evaluate text-to-image --model $(OUT) --samplers ddim euler dpmpp_2m --n $(SAMPLES) --heldout $(HELDOUT) $(EVAL_ARGS) --json $(OUT)/evaluation.json
 
-train-classifier: $(STAMP)
-	$(PY) -m sdlearn.recipes.classifier --out data/shapes-classifier --threads 1 $(if $(OVERWRITE),--overwrite)
-
-bench: $(STAMP)
-	$(PY) -m sdlearn.bench unet
+# The record README.md quotes (data/bench/unet-cpu.json); BENCH_ARGS="--repeats 5" for a quick look.
+BENCH_JSON = data/bench/unet-cpu.json
+BENCH_ARGS = --repeats 31 --count-ops
+bench: $(INSTALL)
+	$(PY) -m sdlearn.bench unet $(BENCH_ARGS) --json $(BENCH_JSON)
 
 clean-venv:
 	rm -rf $(VENV)

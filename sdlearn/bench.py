@@ -5,6 +5,8 @@
     python -m sdlearn.bench unet --config sd2 --size 48 --repeats 7
     python -m sdlearn.bench pipeline             # SD 1.5 sizes, random weights, 64x64 fp32 on CPU
                                                  # (+ 512x512 fp16 when CUDA is available)
+    python -m sdlearn.bench unet --repeats 31 --count-ops --json data/bench/unet-cpu.json
+                                                 # what `make bench` runs: the record README.md quotes
 
 Both models run in one process on the same weights (ours shares diffusers' parameter
 tensors, so memory is paid once) and the same inputs. Repetitions are interleaved (ours,
@@ -15,15 +17,22 @@ the same thing. The fastest call of each is reported too: on a CPU shared with o
 noise only ever adds time, so the ratio of the fastest calls is the steadier estimate of the
 models' own cost when the medians sit within a few per cent of each other.
 
+--json FILE also writes the run as a record: the command, the machine (CPU, threads, library
+versions) and, per timed case, every call's time, the medians, the fastest calls, their
+ratios, the largest difference and (with --count-ops) the operator counts.
+
 Each benchmark is a subcommand; add one with a `bench_<name>(args)` function and a parser
 in `build_parser`.
 """
 
 import argparse
+import json
+import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -46,6 +55,7 @@ class Timing:
     ours: Times
     theirs: Times
     max_abs_diff: float
+    operator_calls: dict = field(default_factory=dict)  # {"sdlearn": n, "diffusers": n} per forward pass, with --count-ops
 
     @property
     def ours_s(self) -> float:
@@ -64,6 +74,18 @@ class Timing:
     def best_ratio(self) -> float:
         """Fastest call of ours / fastest call of diffusers'."""
         return self.ours.best / self.theirs.best
+
+    def record(self) -> dict:
+        """This case as JSON-ready numbers (milliseconds, rounded to 1 us; ratios to 3 decimals)."""
+        ms = lambda seconds: round(seconds * 1000, 3)  # noqa: E731
+        return {
+            "label": self.label, "calls": len(self.ours),
+            "sdlearn_ms": ms(self.ours_s), "diffusers_ms": ms(self.theirs_s), "ratio": round(self.ratio, 3),
+            "sdlearn_fastest_ms": ms(self.ours.best), "diffusers_fastest_ms": ms(self.theirs.best),
+            "fastest_ratio": round(self.best_ratio, 3), "max_abs_diff": self.max_abs_diff,
+            **({"operator_calls": self.operator_calls} if self.operator_calls else {}),
+            "sdlearn_calls_ms": [ms(t) for t in self.ours], "diffusers_calls_ms": [ms(t) for t in self.theirs],
+        }
 
     def line(self) -> str:
         return (
@@ -149,10 +171,13 @@ def _unet_case(ours, theirs, label, batch, size, device, dtype, repeats, warmup,
             warmup=warmup,
             device=torch.device(device),
         )
+        operators = {}
         if count_ops:
-            print(operator_line(count_operator_calls(lambda: ours(x, t, context)),
-                                count_operator_calls(lambda: theirs(x, t, context, return_dict=False))), flush=True)
-    return Timing(label, times["ours"], times["theirs"], diff)
+            ours_ops = count_operator_calls(lambda: ours(x, t, context))
+            theirs_ops = count_operator_calls(lambda: theirs(x, t, context, return_dict=False))
+            print(operator_line(ours_ops, theirs_ops), flush=True)
+            operators = {"sdlearn": sum(ours_ops.values()), "diffusers": sum(theirs_ops.values())}
+    return Timing(label, times["ours"], times["theirs"], diff, operators)
 
 
 def bench_unet(args) -> list:
@@ -301,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     unet.add_argument("--warmup", type=int, default=1, help="untimed calls of each model first")
     unet.add_argument("--cpu-only", action="store_true", help="skip the CUDA run even if a GPU is present")
     unet.add_argument("--count-ops", action="store_true", help="also count the torch operators each model runs on the CPU (torch.profiler)")
+    unet.add_argument("--json", type=Path, default=None, help="also write the run's record to this JSON file")
     unet.set_defaults(run=bench_unet)
     pipe = commands.add_parser("pipeline", help="sdlearn's StableDiffusion vs diffusers' StableDiffusionPipeline: UNet step, VAE decode, generation")
     pipe.add_argument("--config", default="sd15", choices=["tiny", "sd15"], help="model sizes (random weights) on the CPU")
@@ -310,13 +336,35 @@ def build_parser() -> argparse.ArgumentParser:
     pipe.add_argument("--cuda-steps", type=int, default=20, help="sampler steps of the end-to-end run on CUDA")
     pipe.add_argument("--repeats", type=int, default=3, help="timed calls of each (the median and the fastest are reported)")
     pipe.add_argument("--cpu-only", action="store_true", help="skip the CUDA run even if a GPU is present")
+    pipe.add_argument("--json", type=Path, default=None, help="also write the run's record to this JSON file")
     pipe.set_defaults(run=bench_pipeline)
     return parser
 
 
+def write_record(path: Path, argv, results: list) -> dict:
+    """The run as a JSON record (see the module docstring); returns it."""
+    import diffusers
+
+    from sdlearn.doctor import cpu_name
+
+    record = {
+        "command": "python -m sdlearn.bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "cpu": cpu_name(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+        "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "results": [timing.record() for timing in results],
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    args.run(args)
+    results = args.run(args)
+    if args.json is not None:
+        write_record(args.json, argv, results)
+        print(f"wrote {args.json}")
     return 0
 
 

@@ -30,11 +30,11 @@ gamma weighting (Hang et al. 2023) caps each timestep's weight in x_0 terms at g
 
     L = mean over the batch of  w(t) || v - v_theta(x_t, t) ||^2,     w(t) = min(SNR(t), 5) / (SNR(t) + 1)
 
-(`DiffusionLoss`, `NoiseSchedule.min_snr_weight`). Measured with the same network and 64
-DDIM-50 samples each (the clean-shape rate of sdlearn.evaluate): L_simple on eps, 3,200 steps
-(about 15 minutes on both cores) gave 0.20; v with Min-SNR-5, 4,000 steps on one core, gave
-0.59 at learning rate 1e-3 and 0.69 at 2e-3. The recipe uses v, Min-SNR-5 and 2e-3; lesson
-04 still has the learner write eq. 14 itself (the same model class, the original objective).
+(`DiffusionLoss`, `NoiseSchedule.min_snr_weight`). With the same network and training time,
+v with Min-SNR-5 drew clean shapes about three times as often as L_simple on eps (the
+measurements: data/ddpm-shapes/README.md, "Experiments"). The recipe uses v, Min-SNR-5 and a
+learning rate of 2e-3; lesson 04 still has the learner write eq. 14 itself (the same model
+class, the original objective).
 
 The model is `sdlearn.unet.UNet`, the class that runs Stable Diffusion, at toy size
 (`unet_config()`): 3 pixel channels in and out, 32x32 images, three levels of plain
@@ -57,10 +57,8 @@ During training each attribute is hidden (its block zeroed) with probability 0.1
 them with probability 0.1 (the recipe's defaults), so the same network also draws with
 nothing told (y = 0): it is the unconditional model as well, and classifier-free guidance
 (lesson 09) can compare the two (`denoiser`). Position is left to the noise
-(`condition_vector` says why). Telling helps: with 200 DDIM-50 samples after 6,000 steps of
-the 16/32/64 network (each attribute hidden with probability 0.2), a model told nothing drew
-78% clean shapes, one told colour, shape and size 89%, and 93.5% with guidance 2 (a second
-run of the same settings: 84.5%); the recipe's docstring has the whole record.
+(`condition_vector` says why). Telling helps: a told model draws clean shapes more often than
+one told nothing, and more still with guidance (data/ddpm-shapes/README.md, "Experiments").
 
 Schedule (`SCHEDULE`): Stable Diffusion's scaled_linear betas (0.00085 to 0.012, T = 1000)
 rather than the DDPM paper's linear 1e-4 .. 0.02. With the linear schedule alpha_bar falls
@@ -73,8 +71,7 @@ at informative noise levels. The price: x_T keeps 7% of the image, which samplin
 noise ignores (Lin et al. 2023 analyse this flaw; SD lives with it too). The scheduler config
 leaves clip_sample off: clipping DDIM's x0_pred to [-1, 1], where pixels live, sounds safe,
 but it breaks the link between x0_pred and the noise the step keeps, and with a v-predicting
-model it cost a third of the clean shapes (84.5% -> 61%, 200 DDIM-50 samples, guidance 2,
-measured with a one-off script that sets clip_sample in the config given to `sample`).
+model it cost about a third of the clean shapes (data/ddpm-shapes/README.md, "Experiments").
 
 Offset noise (Guttenberg 2023, "Diffusion with offset noise"). Every shapes image is mostly
 white, so its mean brightness (the "DC" component) is nearly the same, +0.9, for every image,
@@ -249,9 +246,9 @@ def condition_vector(labels: torch.Tensor) -> torch.Tensor:
     Why not position? The condition is added to the timestep embedding, so it reaches each
     ResNet block as one number per channel, the same at every pixel. Colour, shape and size
     are such global facts; "top left" is not, and a convolutional network, which treats
-    every pixel alike, can only act on it through the image borders. We measured it: a model
-    told all four attributes drew the asked colour 87% of the time and the asked position no
-    better than chance, so the shipped model is told three and the noise picks the place.
+    every pixel alike, can only act on it through the image borders. A model told all four
+    attributes drew the asked position no better than chance (data/ddpm-shapes/README.md,
+    "Experiments"), so the shipped model is told three and the noise picks the place.
     (SD's cross-attention has the same blind spot; lesson 09's model learns positions from
     its latent's borders at 8x8, which is easier than at 32x32.)
     """

@@ -10,7 +10,13 @@ A text-to-image pipeline, given prompts that name all four attributes (`prompt_s
     accuracy_h = mean_i [read(x_i)_h = asked_i,h]    per head h, and for all four at once  (referee.faithfulness)
 
 on prompts of the 28 training (colour, shape) pairs and, separately, of the four HELD_OUT
-pairs (compositional generalisation: were colour and shape both right?).
+pairs (compositional generalisation: were colour and shape both right?), and beside them
+
+    clean and as asked = mean_i [clean(x_i) and read(x_i)_h = asked_i,h for every h]   (referee.clean_and_asked)
+
+The referee's own error on generated images: every report also gives how often the
+classifier and a second judge that reads by rendering (referee.match_render) read the same
+attributes (referee.judges_agreement); `classifier_report` gives the same on real renders.
 
 Command line:
 
@@ -58,16 +64,67 @@ from sdlearn.referee import (  # noqa: F401 (re-exported)
     ShapesClassifier,
     as_batch,
     classify,
+    clean_and_asked,
     clean_shape_scores,
     faithfulness,
     format_faithfulness,
     is_clean_shape,
+    judges_agreement,
     load_classifier,
+    match_render,
     render_accuracy,
     render_errors,
 )
 
 TEXT_TO_IMAGE_GUIDANCE = 4.0  # for a text-to-image model whose folder records no guidance scale
+
+
+# ---------------------------------------------------------------------------------------
+# The referee itself, on fresh renders
+# ---------------------------------------------------------------------------------------
+
+
+def classifier_report(n: int = 500, seed: int = EVAL_SEED, classifier=None, sizes=(64, 32)) -> dict:
+    """{"64px": {"accuracy": {head: rate}, "clean_rate": rate, "judges_agree": {...}, "seconds": s}, "32px": ...}:
+    the referee on n fresh renders of all 32 (colour, shape) pairs per image size: the classifier's
+    accuracy per head, the fraction is_clean_shape passes, and its agreement with match_render."""
+    report = {}
+    for size in sizes:
+        began = time.perf_counter()
+        renders = Shapes(n, seed=seed, size=size, split="all").tensors()
+        scores = clean_shape_scores(renders, classifier)
+        report[f"{size}px"] = {
+            "accuracy": render_accuracy(n, seed, size, classifier),
+            "clean_rate": scores.rate,
+            "judges_agree": judges_agreement(renders, predictions=scores.predictions),
+            "seconds": round(time.perf_counter() - began, 1),
+        }
+    return report
+
+
+def format_classifier_report(report: Mapping, n: int, seed: int) -> str:
+    lines = []
+    for size, row in report.items():
+        cells = "  ".join(f"{name} {100 * value:.1f}%" for name, value in row["accuracy"].items())
+        lines.append(f"{size[:-2]} px, {n} fresh renders (seed {seed}): {cells}  | clean-shape rate "
+                     f"{100 * row['clean_rate']:.1f}%  | judges agree {100 * row['judges_agree']['all']:.1f}%  ({row['seconds']:.1f} s)")
+    return "\n".join(lines)
+
+
+def record_classifier(path, n: int = 500, seed: int = EVAL_SEED, classifier=None) -> dict:
+    """classifier_report, printed and written to `path` (data/shapes-classifier/evaluation.json is this
+    with the defaults: the clean-shape rate of real renders the READMEs quote)."""
+    report = classifier_report(n, seed, classifier)
+    print(format_classifier_report(report, n, seed))
+    command = f"python -m sdlearn.evaluate classifier --n {n} --seed {seed} --json {path}"
+    return write_record(path, command, n=n, seed=seed, sizes=report)
+
+
+def write_record(path, command: str, **fields) -> dict:
+    """Write an evaluation record (JSON): the command, the machine, then `fields`; returns it."""
+    record = {"command": command, "torch_threads": torch.get_num_threads(), "cpu": cpu_name(), **fields}
+    write_json(Path(path), record)
+    return record
 
 
 # ---------------------------------------------------------------------------------------
@@ -77,7 +134,7 @@ TEXT_TO_IMAGE_GUIDANCE = 4.0  # for a text-to-image model whose folder records n
 
 def ddpm_clean_rates(model=None, samplers=None, steps=(10, 25, 50), n: int = 200, seed: int = 0, classifier=None,
                      progress: bool = True, guidance_scale: float | None = None, unconditional: bool = False) -> dict:
-    """{(sampler, steps): {"clean_rate", "asked_rate", "seconds_per_image"}} for the pixel-space DDPM in `model`.
+    """{(sampler, steps): {"clean_rate", "asked_rate", "seconds_per_image", "judges_agree"}} for the pixel-space DDPM in `model`.
 
     An attribute-conditional model (the shipped one) is asked for the colour, shape and size
     of `attribute_set(n)`, with `guidance_scale` (default: the one its training.json
@@ -104,7 +161,8 @@ def ddpm_clean_rates(model=None, samplers=None, steps=(10, 25, 50), n: int = 200
             if conditional:
                 right = [all(read[h] == want[h] for h in want) for read, want in zip(scores.predictions.names(), asked)]
                 asked_rate = (scores.clean & torch.tensor(right)).float().mean().item()
-            results[(name, k)] = {"clean_rate": scores.rate, "asked_rate": asked_rate, "seconds_per_image": seconds}
+            results[(name, k)] = {"clean_rate": scores.rate, "asked_rate": asked_rate, "seconds_per_image": seconds,
+                                  "judges_agree": judges_agreement(images, predictions=scores.predictions)}
     return results
 
 
@@ -125,6 +183,11 @@ def format_clean_rates(results: Mapping, n: int, guidance_scale: float | None = 
             cell = f"{rate} ({row['seconds_per_image']:.3f} s)"
             cells += f"{cell:>26}"
         lines.append(f"{name:<10}{cells}")
+    if all("judges_agree" in row for row in results.values()):
+        lines.append(f"images (of {n}) on which the classifier and the render-matching judge read the same four attributes")
+        for name in samplers:
+            counts = [f"{round(n * results[name, k]['judges_agree']['all'])}/{n}" for k in steps]
+            lines.append(f"{name:<10}" + "".join(f"{count:>26}" for count in counts))
     return "\n".join(lines)
 
 
@@ -183,7 +246,12 @@ def text_to_image_report(pipe, samplers=("ddim",), n: int = 200, n_heldout: int 
                          progress: bool = False) -> dict:
     """Faithfulness of a text-to-image pipeline, per sampler: the table on n training-pair prompts
     naming all four attributes, and on n_heldout prompts of the HELD_OUT pairs (with the rate at
-    which colour and shape are both right), plus seconds per image."""
+    which colour and shape are both right), plus seconds per image.
+
+    Beside the per-attribute figures: the "clean and as asked" rate (referee.clean_and_asked: a
+    clean shape with all four attributes right), on both prompt sets, and how often the
+    classifier and the render-matching judge agree on the training-pair images
+    (referee.judges_agreement, per head and "all")."""
     prompts, requested = prompt_set(n, "train")
     held_prompts, held_requested = prompt_set(n_heldout, "test")
     report = {}
@@ -194,8 +262,11 @@ def text_to_image_report(pipe, samplers=("ddim",), n: int = 200, n_heldout: int 
         held = generate(pipe, held_prompts, name, steps, guidance_scale, seed=seed + 1000, progress=progress)
         report[name] = {
             "train_pairs": faithfulness(images, requested, classifier),
+            "train_pairs_clean_and_asked": clean_and_asked(images, requested, classifier),
             "held_out": faithfulness(held, held_requested, classifier),
             "held_out_pair_accuracy": pair_accuracy(held, held_requested, classifier),
+            "held_out_clean_and_asked": clean_and_asked(held, held_requested, classifier),
+            "judges_agree": judges_agreement(images, classifier),
             "seconds_per_image": seconds,
         }
     return report
@@ -236,10 +307,19 @@ def format_text_to_image_report(report: Mapping, n: int, n_heldout: int, steps: 
     heads = (*HEADS, "all")
     lines = [f"faithfulness: {n} prompts naming all four attributes ({steps} steps, guidance {guidance_scale:g}); "
              f"held out: {n_heldout} prompts of the HELD_OUT pairs"]
-    lines.append(f"{'sampler':<10}" + "".join(f"{h:>10}" for h in heads) + f"{'held-out pair':>15}{'s/image':>9}")
+    lines.append(f"{'sampler':<10}" + "".join(f"{h:>10}" for h in heads) + f"{'clean+asked':>13}{'held-out pair':>15}"
+                 f"{'clean+asked':>13}{'s/image':>9}")
     for name, row in report.items():
         cells = "".join(f"{100 * row['train_pairs'][h]['accuracy']:9.1f}%" for h in heads)
-        lines.append(f"{name:<10}{cells}{100 * row['held_out_pair_accuracy']:14.1f}%{row['seconds_per_image']:9.3f}")
+        clean = f"{100 * row['train_pairs_clean_and_asked']['accuracy']:12.1f}%"
+        held_clean = f"{100 * row['held_out_clean_and_asked']['accuracy']:12.1f}%"
+        lines.append(f"{name:<10}{cells}{clean}{100 * row['held_out_pair_accuracy']:14.1f}%{held_clean}"
+                     f"{row['seconds_per_image']:9.3f}")
+    lines.append("clean+asked: a clean shape (is_clean_shape) with all four attributes as asked (held out: on its prompts)")
+    lines.append("the classifier and the render-matching judge read the same attributes (training-pair images):")
+    lines.append(f"{'sampler':<10}" + "".join(f"{h:>10}" for h in heads))
+    for name, row in report.items():
+        lines.append(f"{name:<10}" + "".join(f"{100 * row['judges_agree'][h]:9.1f}%" for h in heads))
     return "\n".join(lines)
 
 
@@ -264,6 +344,7 @@ def build_parser():
     p.add_argument("--classifier", default=None, help="classifier folder (default data/shapes-classifier)")
     p.add_argument("--n", type=count, default=500, help="renders per image size")
     p.add_argument("--seed", type=SEED, default=EVAL_SEED)
+    p.add_argument("--json", type=Path, default=None, help="also write the report to this JSON file")
     p = commands.add_parser("ddpm", help="clean-shape rate of the pixel-space DDPM per sampler and step count")
     p.add_argument("--model", default=None, help="DDPM folder (default data/ddpm-shapes)")
     p.add_argument("--classifier", default=None, help="classifier folder (default data/shapes-classifier)")
@@ -336,13 +417,11 @@ def main(argv=None) -> int:
         return 2
     classifier = prepared["classifier"]
     if args.command == "classifier":
-        for size in (64, 32):
-            began = time.perf_counter()
-            accuracy = render_accuracy(args.n, args.seed, size, classifier)
-            renders = Shapes(args.n, seed=args.seed, size=size, split="all").tensors()
-            clean = is_clean_shape(renders, classifier).float().mean().item()
-            cells = "  ".join(f"{name} {100 * value:.1f}%" for name, value in accuracy.items())
-            print(f"{size} px, {args.n} fresh renders (seed {args.seed}): {cells}  | clean-shape rate {100 * clean:.1f}%  ({time.perf_counter() - began:.1f} s)")
+        report = classifier_report(args.n, args.seed, classifier)
+        print(format_classifier_report(report, args.n, args.seed))
+        if args.json is not None:
+            command = "python -m sdlearn.evaluate " + " ".join(sys.argv[1:] if argv is None else argv)
+            write_record(args.json, command, n=args.n, seed=args.seed, sizes=report)
         return 0
     if args.command == "ddpm":
         began = time.perf_counter()

@@ -169,3 +169,131 @@ def test_recipe_trains_and_refuses_to_overwrite(tmp_path, capsys):
     assert recipe.main(args) == 1  # refuses: the folder holds a classifier
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "model.safetensors").read_bytes() == weights
+
+
+# ---------------------------------------------------------------------------------------
+# Garbage must not score as right: faithfulness counts what the classifier reads, so a
+# picture that is not a clean shape can still match every asked attribute there; the
+# "clean and as asked" rate (clean_and_asked) must not count it.
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    """40 real renders (32 px) and what each shows, asked for as a prompt would ask."""
+    dataset = Shapes(40, seed=31, size=32, split="all")
+    return dataset.tensors(), [dataset.attributes(i) for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def garbage_set(scenes):
+    return garbage(scenes[0])
+
+
+def two_shapes(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """Each image with a second, different shape added in another cell."""
+    other = Shapes(len(x), seed=seed, size=x.shape[-1], split="all")
+    keep = other.labels[:, 3]
+    return torch.minimum(x, other.tensors()), keep
+
+
+def garbage(x: torch.Tensor) -> dict:
+    """Pictures that are not a clean shape, made from the asked scenes x."""
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(x.shape, generator=g).clamp(-1, 1)
+    return {
+        "noise": noise,
+        "blank": torch.ones_like(x),
+        "blurred blob": gaussian_blur(x, sigma=2.0).clamp(-1, 1),
+        "smeared": (0.5 * x + 0.5 * torch.roll(x, shifts=3, dims=-1)).clamp(-1, 1),  # a double exposure
+        "faded": (0.5 * x + 0.5).clamp(-1, 1),  # half the ink: a pale, off-palette colour
+        "noisy": (x + 0.5 * torch.randn(x.shape, generator=g)).clamp(-1, 1),
+        "hollow": hollow(x),
+    }
+
+
+def hollow(x: torch.Tensor) -> torch.Tensor:
+    """Each shape with its inside (ink pixels whose 3x3 neighbourhood is all ink) made white: an outline."""
+    ink = ((1 - x).amax(dim=1, keepdim=True) / 2 > 0.5).float()
+    inside = -F.max_pool2d(-ink, 3, stride=1, padding=1)  # erosion
+    return torch.where(inside.bool().expand_as(x), torch.ones_like(x), x)
+
+
+def test_real_renders_score_as_right_clean_and_asked(classifier, scenes):
+    """The control: with real renders the rate is (nearly) 1, and a wrong request brings it down."""
+    x, asked = scenes
+    assert referee.clean_and_asked(x, asked, classifier)["accuracy"] >= 0.95
+    wrong = [{**a, "colour": COLOUR_NAMES[(COLOUR_NAMES.index(a["colour"]) + 1) % 8]} for a in asked]
+    assert referee.clean_and_asked(x, wrong, classifier)["accuracy"] == 0.0
+    partial = [{"shape": a["shape"], "size": None} for a in asked]  # unnamed attributes are not checked
+    assert referee.clean_and_asked(x, partial, classifier)["total"] == 40
+
+
+@pytest.mark.parametrize("kind", ["noise", "blank", "blurred blob", "smeared", "faded", "noisy", "hollow"])
+def test_garbage_does_not_score_as_clean_and_asked(classifier, scenes, garbage_set, kind):
+    x, asked = scenes
+    bad = garbage_set[kind]
+    if kind == "hollow":  # the shapes that lose at least 8 pixels (at 32 px most small ones lose 1-4, and stay
+        changed = (bad != x).any(dim=1).flatten(1).sum(dim=1) >= 8  # as good as clean: those are not garbage)
+        assert changed.sum() >= 12
+        bad, asked = bad[changed], [a for a, keep in zip(asked, changed.tolist()) if keep]
+    scores = referee.clean_shape_scores(bad, classifier)
+    assert scores.rate <= 0.05, f"{kind}: {scores.rate:.0%} called clean"
+    assert referee.clean_and_asked(bad, asked, classifier)["accuracy"] <= 0.05
+    table = referee.faithfulness(bad, asked, classifier)
+    if kind in ("noise", "blank"):  # nothing of the scene is left: near chance (1 in 8 colours, 4 shapes, 9 cells)
+        assert table["all"]["accuracy"] <= 0.05, f"{kind}: faithfulness {table['all']['accuracy']:.0%}"
+
+
+def test_a_second_shape_beside_the_asked_one_does_not_score_as_right(classifier, scenes):
+    x, asked = scenes
+    pair, other_cell = two_shapes(x, seed=32)
+    cell = torch.tensor([referee.POSITIONS.index(a["position"]) for a in asked])
+    apart = other_cell != cell
+    pictures = pair[apart]
+    wanted = [a for a, keep in zip(asked, apart.tolist()) if keep]
+    assert len(wanted) >= 30
+    assert referee.clean_and_asked(pictures, wanted, classifier)["accuracy"] <= 0.05
+
+
+def test_clean_and_asked_bad_inputs(classifier):
+    with pytest.raises(ValueError, match="one per image"):
+        referee.clean_and_asked(torch.zeros(2, 3, 32, 32), [{"shape": "circle"}], classifier)
+    with pytest.raises(ValueError, match="Valid"):
+        referee.clean_and_asked(torch.zeros(1, 3, 32, 32), [{"shape": "hexagon"}], classifier)
+
+
+# ---------------------------------------------------------------------------------------
+# The second judge (match_render): it reads real renders right without the classifier, so
+# its agreement with the classifier on generated images measures the classifier's error there.
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_render_matching_judge_reads_fresh_renders(size):
+    dataset = Shapes(200, seed=4343, size=size, split="all")
+    read = referee.match_render(dataset.tensors())
+    truth = [dataset.attributes(i) for i in range(len(dataset))]
+    for head in referee.HEADS:
+        accuracy = sum(r[head] == t[head] for r, t in zip(read, truth)) / len(truth)
+        assert accuracy >= 0.99, f"{head} {accuracy:.3f} at {size} px"
+
+
+def test_judges_agree_on_renders_and_the_agreement_can_fail(classifier):
+    x = Shapes(60, seed=4444, size=32, split="all").tensors()
+    agreement = referee.judges_agreement(x, classifier)
+    assert set(agreement) == {*referee.HEADS, "all"} and agreement["all"] >= 0.98
+    # Recolour every image to the next palette colour, but let the classifier read the originals:
+    # the judges must now disagree on colour every time.
+    recoloured = []
+    for image in x:
+        x01 = ((image.permute(1, 2, 0).double().numpy() + 1) / 2)
+        read = referee.match_render(image)[0]
+        new = COLOUR_NAMES[(COLOUR_NAMES.index(read["colour"]) + 1) % 8]
+        a = referee._coverage(x01, read["colour"])[..., None]
+        c = np.array(referee.COLOURS[new], dtype=np.float64) / 255.0
+        recoloured.append(torch.from_numpy(a * c + (1 - a)).permute(2, 0, 1).float() * 2 - 1)
+    mismatch = referee.judges_agreement(torch.stack(recoloured), predictions=referee.classify(x, classifier))
+    assert mismatch["colour"] == 0.0 and mismatch["all"] == 0.0 and mismatch["shape"] >= 0.98
+    assert referee.match_render(torch.ones(3, 32, 32)) == [None]  # nothing drawn: no reading
+    assert referee.judges_agreement(torch.ones(2, 3, 32, 32), classifier)["all"] == 0.0

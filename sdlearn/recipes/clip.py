@@ -158,6 +158,49 @@ def train_shapes_tokenizer(folder=None, vocab_size: int = 1000) -> CLIPTokenizer
 # Reproducing the shipped artefacts
 # ----------------------------------------------------------------------------------------
 
+ACCURACY_IMAGES = 256  # unseen images per split for caption_accuracy
+ACCURACY_SEED = 3  # training draws seed 0
+
+
+@torch.no_grad()
+def caption_accuracy(model: TinyCLIP, tokenizer: CLIPTokenizer, n: int = ACCURACY_IMAGES, seed: int = ACCURACY_SEED) -> dict:
+    """{"train": a, "test": b}: for n unseen images of each split, the fraction whose most similar
+    caption among the 32 "a {colour} {shape}" is the right one (chance 1/32). "test" holds
+    only the four HELD_OUT pairs, which training never shows."""
+    from sdlearn.datasets import COLOUR_NAMES, SHAPES
+
+    names = [f"a {c} {s}" for c in COLOUR_NAMES for s in SHAPES]
+    ids = tokenizer(names)
+    model.eval()
+    result = {}
+    for split in ("train", "test"):
+        data = Shapes(n, seed=seed, size=model.settings["image_size"], split=split)
+        best = model.similarity(data.tensors(), ids).argmax(dim=1).tolist()
+        truth = [f"a {a['colour']} {a['shape']}" for a in map(data.attributes, range(len(data)))]
+        result[split] = sum(names[b] == t for b, t in zip(best, truth)) / len(truth)
+    return result
+
+
+def write_record(out, argv, settings: dict, model: TinyCLIP, tokenizer: CLIPTokenizer, history) -> dict:
+    """Write <out>/training.json: the command, settings, time, final loss and caption_accuracy."""
+    import sys
+
+    from sdlearn.doctor import cpu_name
+
+    losses = history.losses[-100:]
+    record = {
+        "command": "python -m sdlearn.recipes.clip " + " ".join(sys.argv[1:] if argv is None else argv),
+        "settings": settings,
+        "train_seconds": round(history.seconds, 1),
+        "final_loss_mean_of_100": sum(losses) / len(losses),
+        "caption_accuracy": caption_accuracy(model, tokenizer),
+        "caption_accuracy_images": {"n": ACCURACY_IMAGES, "seed": ACCURACY_SEED, "size": model.settings["image_size"]},
+        "torch_threads": torch.get_num_threads(),
+        "cpu": cpu_name(),
+    }
+    (Path(out) / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
 
 def main(argv=None) -> int:
     """python -m sdlearn.recipes.clip shapes-tokenizer OUT | train-tiny OUT [--steps N --batch-size B --seed S]"""
@@ -189,11 +232,15 @@ def main(argv=None) -> int:
         tokenizer = train_shapes_tokenizer(args.out)
         print(f"wrote {len(tokenizer)} tokens ({len(tokenizer.merges)} merges) to {args.out}")
     else:
-        _, _, history = train_tiny_clip(steps=args.steps, batch_size=args.batch_size, lr=args.lr, n_images=args.n_images,
+        model, tokenizer, history = train_tiny_clip(steps=args.steps, batch_size=args.batch_size, lr=args.lr, n_images=args.n_images,
                                         seed=args.seed, out=args.out, overwrite=args.overwrite,
                                         lr_schedule="cosine")
         print(f"trained {args.steps} steps in {history.seconds:.0f} s; final loss (mean of last 100) "
               f"{sum(history.losses[-100:]) / len(history.losses[-100:]):.3f}; saved to {args.out}")
+        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "command"}
+        accuracy = write_record(args.out, argv, settings, model, tokenizer, history)["caption_accuracy"]
+        print(f"right caption among 32: {accuracy['train']:.1%} of unseen training-pair images, "
+              f"{accuracy['test']:.1%} of held-out pairs (chance 1 in 32)")
     return 0
 
 

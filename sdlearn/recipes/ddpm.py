@@ -24,52 +24,10 @@ third of SD's 1000 timesteps, so a uniform t spends much of each batch where the
 counts. "importance" draws t with probability proportional to w(t) and divides the weight
 out again (sdlearn.ddpm.timestep_probabilities): the same objective, every sample counting.
 
-Where it stands against the course's goal, a clean shape in 90% of DDIM-50 samples within 15
-minutes of training on a 2-core CPU (sdlearn.evaluate's referee, 200 samples per figure):
-reached by the shipped run (4,300 steps in 790 s, DDIM-50 91.5%; data/ddpm-shapes/README.md,
-training.json has its time and CPU, evaluation.json every sampler). Times are of 2-core CPUs
-with native bf16, which differ among themselves by up to 1.6x per step (the 4,000-step run
-below took 16 minutes on one, 4,300 steps 11 and 13 minutes on another); one without bf16 (an
-AMD EPYC, fp32) took about 0.6 s per step, 3x longer. The record, each figure one training run
-(the shipped ones are `make train-ddpm`, the --seed 1 run this recipe and
-`python -m sdlearn.evaluate ddpm --model`; the others were measured with one-off scripts around this
-recipe and the referee, which are not kept). Figures marked * are DDIM-50 on the 200 prompts of
-`python -m sdlearn.evaluate ddpm`, at guidance 2 / 3 unless another scale is named; the others
-on the recipe's own end-of-run prompts:
-
-    unconditional, uniform t, 3,400 steps (an earlier shipped model)                60%
-    unconditional, importance-sampled t: 3,000 steps 59.5% (uniform: 55.5%); 6,000 steps 78%
-    told, widths 16/32/64, each attribute hidden with p = 0.2:
-        5,200 steps (847 s; an earlier shipped model)                   * - / 75% (guidance 4: 65.5%)
-        5,400 steps                                                     * 83.5% / 79.5%
-        6,000 steps (16 min, over budget), two runs: 93.5% and 84.5% at guidance 2
-        batch 64, 3,400 steps (the time of 5,200 steps of batch 32)     * - / 67.5%
-    told, widths 32/32/64 (about 1.4x the time per step), p = 0.2, 4,000 steps, two runs
-                                                                        * 86.5% / 80.5%, 84.5% / 84%
-    told, widths 32/32/64, p = 0.1 (the shipped settings):
-        4,000 steps (about 16 min on both cores, over budget)           * 92.5% / 88.5%
-        3,400 steps (784 s), guidance 1.5 chosen at the end (90.5% there)   * 85.5% at 1.5
-        3,700 steps (695 s; the model shipped before), guidance 1.5 (88.5% there)  * 84% at 1.5
-            (the same evaluation with DDPM and Euler a, 50 steps: 90% and 89.5%)
-        4,300 steps (790 s; the shipped model), guidance 1.5 (93.5% there)  * 91.5% at 1.5
-        4,300 steps, --seed 1 (650 s on the same CPU), guidance 1.5 (96.5% there)  * 96% at 1.5
-
-So runs with the same settings differ by several points (the end-of-run and the evaluation
-prompts by a few more), and the wider network, told every attribute more often (a training
-image is fully told with probability 0.9 * 0.9^3 = 0.66 instead of 0.46), trained for as many
-steps as 15 minutes allow on a bf16 CPU, is the best use of them found. Tried and dropped, with
-the told 16/32/64 model at guidance 2: two ResNet blocks at 32x32 (4,600 steps) 79.5%; loss
-variants (measured with patched copies of this recipe that were not kept): small shapes' loss
-counted three times 83.5%; raising the Min-SNR weight of the noisiest timesteps to that of SNR
-1 or 0.3 (Salimans & Ho's truncated SNR; 5,000 steps) 65.5% and 71.5% at their best guidance;
-clip_sample 61% (sdlearn.ddpm says why; on the 3,700-step model 70.5%*, against 84%*); on the
-5,200-step model, DDIM with "linspace" timesteps (ending at t = 0) instead of "trailing" 72.5%*
-against 75%*; torch.compile (four minutes of compiling, then no faster) and channels_last (no
-faster; slower for the wider network). Where the misses come from: restarting DDIM from real
-renders noised to t = 599 gives 93.5% clean, from t = 399 97%, so most are decided in the
-noisiest third of the steps; they are mostly small shapes (the 5,200-step model missed 39% of
-small and 12% of large ones) whose outline differs from a clean render by more than the referee
-allows, a second shape, or a shape cut by the border.
+The course's goal is a clean shape in 90% of DDIM-50 samples after at most 15 minutes of
+training on a 2-core CPU (sdlearn.evaluate's referee). data/ddpm-shapes/README.md has what the
+shipped run measured (its training.json and evaluation.json hold the figures) and the record of
+the experiments that chose these settings.
 
 Data: 10,000 images of the train split of the shapes dataset (seed 0), at 32 px; the
 held-out (colour, shape) pairs stay unseen, as for every generator of the course.

@@ -13,11 +13,9 @@ trains each at toy size, in SD's order, and saves them as one diffusers pipeline
                            on shapes images and their (partial) captions, then frozen.
                            `make train-mini-sd` passes --text-encoder data/clip-shapes,
                            lesson 08's (trained by `make train-clip`); without it the
-                           recipe trains a smaller one (clip_steps, batch 64). Measured: with
-                           the recipe's own 2000-step encoder and 2000 UNet steps, colour
-                           was right for 79.5% of prompts and held-out pairs for 43%; with
-                           lesson 08's encoder and 4600 UNet steps, 99.5% and 97% (the two
-                           changes were not measured apart).
+                           recipe trains a smaller one (clip_steps, batch 64), which drew
+                           the asked colour and the held-out pairs far less often
+                           (data/mini-sd/README.md, "Experiments").
     stage 3  UNet          eps_theta(z_t, t, c) trained on the frozen autoencoder's latents:
 
         z_0 = scaling_factor * (mu + sigma * n),  n ~ N(0, I)        the posterior sample, as SD
@@ -37,8 +35,11 @@ embedding of every distinct caption. A training step then costs one UNet forward
 Every stage writes a checkpoint in a work folder beside the output (`<out>-work/`), so an
 interrupted run continues with --resume. The result is a diffusers pipeline folder (unet/,
 vae/, text_encoder/, tokenizer/, scheduler/ with SD's schedule for DDIMScheduler) that both
-sdlearn.load_pipeline and diffusers' StableDiffusionPipeline load, plus training.json (the
-settings and the time of each stage) and samples.png.
+sdlearn.load_pipeline and diffusers' StableDiffusionPipeline load, plus training.json and
+samples.png. training.json records what ran: "stages" says whether each of stages 1 and 2
+trained its model or reused a folder (named there), "config" holds only the settings that
+were used (no clip_* settings when the text encoder was reused, no vae_steps when the
+autoencoder was), then the time of each stage and the guidance search.
 
 References: Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion
 Models" (arXiv:2112.10752); Ho et al. 2020, "Denoising Diffusion Probabilistic Models"
@@ -125,7 +126,7 @@ class MiniSDConfig:
     block_out_channels: tuple = (64, 128)
     layers_per_block: int = 1
     attention_head_dim: int = 4  # the number of heads (diffusers' historical name)
-    steps: int = 4600  # the shipped model's: 28.7 min with 2 threads on the 2-core CPU
+    steps: int = 4600  # the shipped model's (data/mini-sd/training.json has its time)
     batch_size: int = 48
     lr: float = 2e-3
     prediction_type: str = "v_prediction"  # or "epsilon" (SD 1.x); v as SD 2.x 768-v (see sdlearn.ddpm)
@@ -168,13 +169,19 @@ def unet_config(config: MiniSDConfig, text_width: int) -> UNetConfig:
 # ------------------------------------------------------------------------------------------
 
 
+def existing_vae(work: Path, vae_source: Path | None) -> Path | None:
+    """The trained autoencoder folder stage 1 uses as it is: `vae_source`, else data/tiny-vae, else
+    one a previous run of this recipe trained in the work folder; None when stage 1 must train one."""
+    candidates = [vae_source] if vae_source is not None else [data_dir() / "tiny-vae", work / "vae"]
+    return next((folder for folder in candidates if folder is not None and (folder / "config.json").is_file()), None)
+
+
 def stage_vae(work: Path, vae_source: Path | None, config: MiniSDConfig) -> AutoencoderKL:
     """The frozen tiny autoencoder: `vae_source`, else data/tiny-vae, else trained by the tiny_vae recipe."""
-    candidates = [vae_source] if vae_source is not None else [data_dir() / "tiny-vae", work / "vae"]
-    for folder in candidates:
-        if folder is not None and (folder / "config.json").is_file():
-            print(f"stage 1: using the autoencoder in {folder}")
-            return AutoencoderKL.from_pretrained(folder).eval().requires_grad_(False)
+    folder = existing_vae(work, vae_source)
+    if folder is not None:
+        print(f"stage 1: using the autoencoder in {folder}")
+        return AutoencoderKL.from_pretrained(folder).eval().requires_grad_(False)
     if vae_source is not None:
         raise FileNotFoundError(f"--vae {vae_source} holds no config.json; expected a diffusers AutoencoderKL folder.")
     if importlib.util.find_spec("sdlearn.recipes.tiny_vae") is None:
@@ -401,6 +408,15 @@ def check_config(config: MiniSDConfig) -> None:
     unet_config(config, 64)  # widths, heads and levels the UNet can be built with
 
 
+def _shown_path(folder: Path) -> str:
+    """A folder as the record shows it: relative to the current directory when inside it."""
+    folder = Path(folder).resolve()
+    try:
+        return str(folder.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(folder)
+
+
 def train_mini_sd(out, config: MiniSDConfig | None = None, resume: bool = False, overwrite: bool = False,
                   vae=None, progress: bool = True, keep_work: bool = False, text_encoder_source=None) -> StableDiffusion:
     """Run the three stages and save the pipeline to `out`; returns the StableDiffusion.
@@ -421,6 +437,8 @@ def train_mini_sd(out, config: MiniSDConfig | None = None, resume: bool = False,
 
     seconds = {}
     began = time.perf_counter()
+    reused_vae = existing_vae(work, Path(vae) if vae is not None else None)
+    reused_vae = None if reused_vae is not None and reused_vae.parent == work else reused_vae  # trained by this run
     vae_model = stage_vae(work, Path(vae) if vae is not None else None, config)
     seconds["stage 1: autoencoder"] = time.perf_counter() - began
 
@@ -439,10 +457,22 @@ def train_mini_sd(out, config: MiniSDConfig | None = None, resume: bool = False,
     pipe.save_pretrained(out, overwrite=overwrite)
     if history.samples:
         history.samples[-1][1].save(out / "samples.png")
+    # The record names only settings that were used: a stage that reused a trained model records its folder instead.
+    settings = asdict(config)
+    stages = {"autoencoder": "trained", "text encoder": "trained"}
+    if reused_vae is not None:
+        del settings["vae_steps"]
+        stages["autoencoder"] = f"reused, frozen: {_shown_path(reused_vae)}"
+    if source is not None:
+        for key in ("clip_steps", "clip_batch_size", "clip_lr"):
+            del settings[key]
+        stages["text encoder"] = f"reused, frozen: {_shown_path(source)}"
     record = {
         "command": "python -m sdlearn.recipes.mini_sd " + " ".join(sys.argv[1:]) if __name__ == "__main__" else None,
-        "config": asdict(config),
+        "stages": stages,
+        "config": settings,
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "total_seconds": round(sum(seconds.values()), 1),
         "final_loss": sum(history.losses[-100:]) / max(1, len(history.losses[-100:])),
         "guidance_scale": max(guidance, key=guidance.get) if guidance else DEFAULT_GUIDANCE,
         "guidance_search": {f"{k:g}": v for k, v in guidance.items()},

@@ -23,9 +23,9 @@ error is what PSNR measures, and it pulls large errors (edges) down faster.
 
 Per-pixel weights. The shape covers 1-8% of a shapes image; the rest is flat white. With a
 uniform loss a short run learns the background first and the shape last, and the average
-PSNR hides it: our first model (uniform loss, 32.9 dB) drew green as teal and small squares
-and crosses as blobs, and the shapes referee (sdlearn.evaluate) read colour, shape, size and
-position of only 74% of its reconstructions right. Every image a latent diffusion model draws
+PSNR hides it: a model trained with it drew green as teal and small squares and crosses as
+blobs, and the shapes referee (sdlearn.evaluate) read far fewer of its reconstructions right
+(data/tiny-vae/README.md, "Experiments"). Every image a latent diffusion model draws
 passes through this decoder, so that is the ceiling of mini-SD's faithfulness. SD's
 perceptual (LPIPS) term plays this part for photographs: it weighs edges and objects, not flat
 areas. We weight each pixel instead,
