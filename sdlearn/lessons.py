@@ -1,16 +1,27 @@
-"""Helpers that pick what a lesson runs on this machine, and say why.
+"""Small helpers the lessons share: what a lesson runs on this machine (and why), and tables
+that are derived from the package rather than written out in a notebook.
 
 `lesson_pipeline` (lesson 11): real Stable Diffusion weights where they are given and a
 GPU is there, the course's mini-SD otherwise.
+`compvis_unet_names` (lesson 07): each UNet stage under its diffusers and its CompVis name,
+derived from the single-file conversion tables.
+`random_sd15` (lesson 11): SD 1.5 at full size with random weights, for what a CPU can show of it.
+`clip_pair_retrieval` (lessons 08, 09): how often a tiny CLIP picks the right "a {colour} {shape}"
+caption for an image, on seen or held-out pairs.
 """
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
 
-from sdlearn.datasets import data_path
+from sdlearn.datasets import COLOUR_NAMES, SHAPES, Shapes, data_dir, data_path
+from sdlearn.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from sdlearn.models.unet import UNet, UNetConfig
+from sdlearn.models.vae import AutoencoderKL, VAEConfig
 from sdlearn.pipeline.loading import load_pipeline
+from sdlearn.pipeline.single_file import compvis_name
 from sdlearn.pipeline.stable_diffusion import StableDiffusion
 
 
@@ -51,3 +62,70 @@ def lesson_pipeline(source=None, device=None, dtype: torch.dtype | None = None) 
         why = f"no real weights given (set {MODEL_ENV} to a Stable Diffusion folder, single file or hub id)"
     pipe = load_pipeline(data_path("mini-sd", "train-mini-sd"))
     return LessonModel(pipe, f"the course's mini-SD (data/mini-sd) on the CPU: {why}", False, pipe.default_size, 25)
+
+
+# The original code's class for each of sdlearn's (= diffusers') UNet building blocks.
+COMPVIS_CLASSES = {"ResnetBlock2D": "ResBlock", "Transformer2DModel": "SpatialTransformer",
+                   "Downsample2D": "Downsample", "Upsample2D": "Upsample", "TimestepEmbedding": "Sequential"}
+_UNET_STAGE = re.compile(r"^(conv_in|time_embedding|conv_norm_out|conv_out|mid_block\.(resnets|attentions)\.\d+"
+                         r"|(down|up)_blocks\.\d+\.(resnets|attentions|downsamplers|upsamplers)\.\d+)$")
+
+
+def _common_prefix(names: list) -> str:
+    prefix = []
+    for parts in zip(*(name.split(".") for name in names)):
+        if len(set(parts)) > 1:
+            break
+        prefix.append(parts[0])
+    return ".".join(prefix)
+
+
+def compvis_unet_names(unet) -> list:
+    """[(diffusers name, CompVis name, diffusers class, CompVis class)] for every stage of `unet`,
+    in the order of the original code's lists (input_blocks, middle_block, output_blocks).
+
+    The CompVis name of a stage is the common prefix of the names that
+    `sdlearn.pipeline.single_file.compvis_name` gives its parameters (without the file's
+    `model.diffusion_model.` prefix). Works on a meta-device model.
+    """
+    rows = []
+    for name, module in unet.named_modules():
+        if _UNET_STAGE.match(name):
+            theirs = _common_prefix([compvis_name("unet", f"{name}.{key}", unet.config) for key in module.state_dict()])
+            cls = type(module).__name__
+            rows.append((name, theirs, cls, COMPVIS_CLASSES.get(cls, cls)))
+    order = {"time_embed": 0, "input_blocks": 1, "middle_block": 2, "output_blocks": 3, "out": 4}
+
+    def key(row):
+        parts = row[1].split(".")
+        return (order.get(parts[0], 5), *[int(p) for p in parts[1:3] if p.isdigit()])
+
+    return sorted(rows, key=key)
+
+
+@torch.no_grad()
+def clip_pair_retrieval(model, tokenizer, split: str, n: int = 64, seed: int = 3) -> float:
+    """The fraction of n shapes images (32x32, Shapes(n, seed, split)) for which a TinyCLIP's most similar
+    caption among all 32 "a {colour} {shape}" is the right one (colour and shape both). Chance: 1/32.
+
+    split="train" draws the training (colour, shape) pairs, "test" only the HELD_OUT ones.
+    """
+    names = [f"a {c} {s}" for c in COLOUR_NAMES for s in SHAPES]
+    data = Shapes(n, seed=seed, size=32, split=split)
+    best = model.similarity(data.tensors(), tokenizer(names)).argmax(dim=1).tolist()
+    truth = [f"a {a['colour']} {a['shape']}" for a in map(data.attributes, range(n))]
+    return sum(names[b] == t for b, t in zip(best, truth)) / n
+
+
+def random_sd15(seed: int = 0) -> StableDiffusion:
+    """Stable Diffusion 1.5 at full size with random weights, float32 on the CPU (about 4.3 GB):
+    the UNet (860 M parameters), the autoencoder (84 M) and CLIP ViT-L/14's text encoder (123 M),
+    with SD 1.x's tokenizer (data/tokenizers/clip-vit-l14) and noise schedule.
+
+    It draws nothing worth looking at; it is for what is true of the real model whatever its
+    weights: parameter counts, shapes, the cost of a step, the checkpoint file's layout and size.
+    """
+    torch.manual_seed(seed)
+    tokenizer = CLIPTokenizer.from_pretrained(data_dir() / "tokenizers" / "clip-vit-l14")
+    return StableDiffusion(UNet(UNetConfig.sd15()), AutoencoderKL(VAEConfig.sd()), CLIPTextModel(CLIPTextConfig.vit_l14()),
+                           tokenizer)

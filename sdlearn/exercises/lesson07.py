@@ -4,11 +4,13 @@
     ex.check_timestep_embedding(my_embedding)   # my_embedding(t (B,), dim) -> (B, dim), SD's variant
     ex.check_level_shapes(my_level_shapes)      # (block_out_channels, height, width) -> [(C, H, W), ...]
     ex.check_skip_count(my_skip_count)          # (levels, layers_per_block) -> number of skip tensors
+    ex.check_geglu(my_geglu)                    # (x, proj_weight, proj_bias, out_weight, out_bias) -> (B, L, C)
 """
 
 import math
 
 import torch
+import torch.nn.functional as F
 
 from sdlearn.exercises.core import Case, Mistake, checker
 from sdlearn.models.layers import timestep_embedding
@@ -153,3 +155,100 @@ SKIP_CASES = [Case(4, 2), Case(2, 1), Case(3, 3)]
 @checker(reference_skip_count, SKIP_CASES, name="skip_count", mistakes=SKIP_MISTAKES, atol=0, rtol=0)
 def check_skip_count(fn) -> bool:
     """fn(levels, layers_per_block) -> int, the number of skip tensors the down path keeps."""
+
+
+# 4. GEGLU, the feed-forward layer of every transformer block -----------------------------------
+
+
+def reference_geglu(x, proj_weight, proj_bias, out_weight, out_bias):
+    """SD's feed-forward (diffusers' ff.net.0 = GEGLU, ff.net.2 = Linear), on x (B, L, C):
+
+        [h | g] = x W1^T + b1        W1: (2 * inner, C), inner = 4C (SD 1.5 level 0: 320 -> 2 x 1280)
+        out = (h * GELU(g)) W2^T + b2   W2: (C, inner)                  (1280 -> 320)
+
+    h is the first half of the channels (the value), g the second (the gate); GELU is exact (erf).
+    """
+    h, gate = F.linear(x, proj_weight, proj_bias).chunk(2, dim=-1)  # two (B, L, inner) halves
+    return F.linear(h * F.gelu(gate), out_weight, out_bias)  # (B, L, C)
+
+
+def _gate_and_value_swapped(x, w1, b1, w2, b2):
+    h, gate = F.linear(x, w1, b1).chunk(2, dim=-1)
+    return F.linear(gate * F.gelu(h), w2, b2)
+
+
+def _sigmoid_gate(x, w1, b1, w2, b2):
+    h, gate = F.linear(x, w1, b1).chunk(2, dim=-1)
+    return F.linear(h * torch.sigmoid(gate), w2, b2)
+
+
+def _silu_gate(x, w1, b1, w2, b2):
+    h, gate = F.linear(x, w1, b1).chunk(2, dim=-1)
+    return F.linear(h * F.silu(gate), w2, b2)
+
+
+def _tanh_gelu(x, w1, b1, w2, b2):
+    h, gate = F.linear(x, w1, b1).chunk(2, dim=-1)
+    return F.linear(h * F.gelu(gate, approximate="tanh"), w2, b2)
+
+
+def _no_activation(x, w1, b1, w2, b2):
+    h, gate = F.linear(x, w1, b1).chunk(2, dim=-1)
+    return F.linear(h * gate, w2, b2)
+
+
+def _no_gate(x, w1, b1, w2, b2):
+    h, _ = F.linear(x, w1, b1).chunk(2, dim=-1)
+    return F.linear(F.gelu(h), w2, b2)
+
+
+def _interleaved_halves(x, w1, b1, w2, b2):
+    y = F.linear(x, w1, b1)
+    return F.linear(y[..., 0::2] * F.gelu(y[..., 1::2]), w2, b2)
+
+
+GEGLU_MISTAKES = [
+    Mistake(
+        _gate_and_value_swapped,
+        "You put GELU on the first half. The first half of proj's output is the value h, the second the gate g: "
+        "h, gate = proj.chunk(2, dim=-1); h * GELU(gate).",
+    ),
+    Mistake(_sigmoid_gate, "You gated with a sigmoid (that is GLU). GEGLU gates with GELU: h * F.gelu(gate)."),
+    Mistake(_silu_gate, "You gated with SiLU (that is SwiGLU, used by later models). SD's GEGLU uses GELU: h * F.gelu(gate)."),
+    Mistake(
+        _tanh_gelu,
+        "You used GELU's tanh approximation. SD's GEGLU uses the exact GELU (F.gelu with the default approximate='none').",
+    ),
+    Mistake(_no_activation, "You multiplied value and gate without the GELU: h * F.gelu(gate)."),
+    Mistake(
+        _no_gate,
+        "You applied GELU to the value and dropped the gate. proj makes 2 x inner channels: the value h (first half) "
+        "is multiplied by GELU of the gate g (second half).",
+    ),
+    Mistake(
+        _interleaved_halves,
+        "You took every other channel as the gate. The two halves are contiguous: h = first inner channels, "
+        "gate = the last inner ones (.chunk(2, dim=-1)).",
+    ),
+]
+
+
+def _geglu_case(seed, batch, tokens, channels):
+    """x (batch, tokens, C) and the weights of a feed-forward with inner = 4C, seeded."""
+    g = torch.Generator().manual_seed(seed)
+    inner = 4 * channels
+    x = torch.randn(batch, tokens, channels, generator=g)
+    w1 = torch.randn(2 * inner, channels, generator=g) / channels**0.5  # (2 x inner, C)
+    b1 = torch.randn(2 * inner, generator=g) * 0.1
+    w2 = torch.randn(channels, inner, generator=g) / inner**0.5  # (C, inner)
+    b2 = torch.randn(channels, generator=g) * 0.1
+    return Case(x, w1, b1, w2, b2)
+
+
+def _geglu_cases() -> list:
+    return [_geglu_case(0, 2, 5, 8), _geglu_case(1, 1, 4, 320)]  # the second: SD 1.5's level 0, 320 -> 2 x 1280 -> 320
+
+
+@checker(reference_geglu, _geglu_cases, name="geglu", mistakes=GEGLU_MISTAKES, atol=1e-5, rtol=1e-5)
+def check_geglu(fn) -> bool:
+    """fn(x (B, L, C), proj_weight (2 * inner, C), proj_bias (2 * inner,), out_weight (C, inner), out_bias (C,)) -> (B, L, C)."""
