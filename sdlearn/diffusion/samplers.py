@@ -517,6 +517,7 @@ class DDIMSampler(Sampler):
         return StepOutput(alpha_bar_t**0.5 * x0_pred + (1 - alpha_bar_t) ** 0.5 * eps_pred, x0_pred)
 
 
+@torch.no_grad()
 def ddim_invert(model_fn: Callable, sampler: "DDIMSampler", x0: torch.Tensor, steps: int | None = None,
                 callback: Callable | None = None) -> torch.Tensor:
     """DDIM inversion: the x_T from which deterministic DDIM sampling (eta = 0) redraws about x0.
