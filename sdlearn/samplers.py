@@ -18,6 +18,7 @@ from sdlearn.diffusion.samplers import (  # noqa: F401 (re-exported)
     Sampler,
     StepOutput,
     config_keys,
+    ddim_invert,
     sample,
 )
 from sdlearn.diffusion.scheduler_configs import (  # noqa: F401 (re-exported)

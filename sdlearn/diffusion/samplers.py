@@ -19,7 +19,10 @@ noise level, sqrt((1 - alpha_bar_t) / alpha_bar_t)); t_prev is the next (smaller
        x_prev = sqrt(alpha_bar_prev) x0_pred + sqrt(1 - alpha_bar_prev - sigma^2) eps + sigma z
        sigma  = eta * sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) * sqrt(1 - alpha_bar_t / alpha_bar_prev)
 
-   eta = 0 is deterministic (an ODE solver); eta = 1 matches DDPM's noise.
+   eta = 0 is deterministic (an ODE solver); eta = 1 is DDPM's posterior sample (same variance,
+   and the mean rewritten with eps), so with DDIM's last step to alpha_bar = 1
+   (set_alpha_to_one) and the same generator it reproduces DDPM's run.
+   Inversion (`ddim_invert`) runs the eta = 0 update upwards, from an image to its x_T.
 
 3. PLMS (Liu et al. 2022, "Pseudo Numerical Methods for Diffusion Models", eqs. 9 and 12):
    the deterministic DDIM step (the paper's "transfer" phi, eq. 9) driven by a linear
@@ -486,6 +489,62 @@ class DDIMSampler(Sampler):
             z = randn(model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
             x_prev = x_prev + sigma_t * z
         return StepOutput(x_prev, x0_pred)
+
+    def inverse_step(self, model_output, t, x) -> StepOutput:
+        """One step of DDIM inversion: the eta = 0 update run upwards, from the level below t to t.
+
+        x lies at the level t_cur = t - T // n (alpha_bar = final_alpha_bar below the first
+        timestep, x is then the image itself); model_output is the network's output for x at
+        timestep t, the usual approximation eps(x_t_cur, t) ~ eps(x_t, t) that makes the step
+        explicit (Song et al. 2021, sec. 4.3; Dhariwal & Nichol 2021, eq. 13):
+
+            x0_pred, eps = read model_output with alpha_bar_t_cur
+            x_t = sqrt(alpha_bar_t) x0_pred + sqrt(1 - alpha_bar_t) eps
+
+        This is diffusers' DDIMInverseScheduler.step with the same config; t runs through
+        reversed(.timesteps), smallest first (`ddim_invert`).
+        """
+        self._check_step_inputs(model_output, x)
+        t = int(self.timesteps[self._index_of(t)])
+        t_cur = t - self.T // self.num_inference_steps
+        alpha_bar_t = self.alpha_bar[t]
+        alpha_bar_cur = self.alpha_bar[t_cur] if t_cur >= 0 else self.final_alpha_bar
+        x0_pred, eps_pred = x0_eps_from_output(
+            model_output, x, alpha_bar_cur**0.5, (1 - alpha_bar_cur) ** 0.5, self.prediction_type
+        )
+        if self.clip_sample:
+            x0_pred = x0_pred.clamp(-self.clip_sample_range, self.clip_sample_range)
+        return StepOutput(alpha_bar_t**0.5 * x0_pred + (1 - alpha_bar_t) ** 0.5 * eps_pred, x0_pred)
+
+
+@torch.no_grad()
+def ddim_invert(model_fn: Callable, sampler: "DDIMSampler", x0: torch.Tensor, steps: int | None = None,
+                callback: Callable | None = None) -> torch.Tensor:
+    """DDIM inversion: the x_T from which deterministic DDIM sampling (eta = 0) redraws about x0.
+
+    Runs `sampler.inverse_step` through the sampler's timesteps in reverse (smallest first),
+    calling model_fn(x, t) once per step, and returns x at the largest timestep, on the scale
+    of unit Gaussian noise (what `sample` takes). Sampling from it with the same sampler and
+    steps retraces the path; the round trip is exact only in the limit of small steps, because
+    each inverse step evaluates the network one level early. Editing: sample from the inverted
+    noise with another condition (Mokady et al. 2023, "Null-text inversion", sec. 3;
+    diffusers' DDIMInverseScheduler). callback(i, t, x, model_output, step_output) runs after every step.
+    """
+    if not isinstance(sampler, DDIMSampler):
+        raise TypeError(f"ddim_invert needs a DDIMSampler (get_sampler('ddim', ...)), got {type(sampler).__name__}.")
+    if sampler.eta != 0:
+        raise ValueError(f"DDIM inversion runs the deterministic update: use a DDIM sampler with eta = 0, got eta = {sampler.eta}.")
+    if steps is not None:
+        sampler.set_timesteps(steps, device=x0.device)
+    sampler._check_ready()
+    x = x0
+    for i, t in enumerate(sampler.timesteps.flip(0)):
+        model_output = model_fn(x, t)
+        out = sampler.inverse_step(model_output, t, x)
+        if callback is not None:
+            callback(i, t, x, model_output, out)
+        x = out.prev_sample
+    return x
 
 
 # 3. PLMS -------------------------------------------------------------------------------
