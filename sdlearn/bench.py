@@ -314,27 +314,43 @@ def bench_pipeline(args) -> list:
 # Command line ----------------------------------------------------------------------------------
 
 
+def _multiple_of(step: int):
+    """An argparse type: a positive whole number divisible by `step` (a side the UNet and VAE can halve)."""
+    from sdlearn.cli import POSITIVE_INT
+
+    def parse(text: str) -> int:
+        value = POSITIVE_INT(text)
+        if value % step:
+            raise argparse.ArgumentTypeError(f"must be a multiple of {step}, got {value}")
+        return value
+
+    parse.__name__ = "whole number"
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sdlearn.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from sdlearn.cli import NON_NEGATIVE_INT, POSITIVE_INT, ArgumentParser
+
+    parser = ArgumentParser(prog="python -m sdlearn.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     unet = commands.add_parser("unet", help="sdlearn's UNet vs diffusers' UNet2DConditionModel")
     unet.add_argument("--config", default="sd15", choices=["tiny", "tiny_sd2", "sd15", "sd2"], help="UNetConfig preset")
-    unet.add_argument("--batch", type=int, default=2, help="batch size (2 = one image with classifier-free guidance)")
-    unet.add_argument("--size", type=int, default=32, help="latent height and width on the CPU")
-    unet.add_argument("--cuda-size", type=int, default=64, help="latent height and width on CUDA (fp16)")
-    unet.add_argument("--repeats", type=int, default=9, help="timed calls of each model (the median and the fastest are reported)")
-    unet.add_argument("--warmup", type=int, default=1, help="untimed calls of each model first")
+    unet.add_argument("--batch", type=POSITIVE_INT, default=2, help="batch size (2 = one image with classifier-free guidance)")
+    unet.add_argument("--size", type=_multiple_of(8), default=32, help="latent height and width on the CPU (a multiple of 8)")
+    unet.add_argument("--cuda-size", type=_multiple_of(8), default=64, help="latent height and width on CUDA (fp16)")
+    unet.add_argument("--repeats", type=POSITIVE_INT, default=9, help="timed calls of each model (the median and the fastest are reported)")
+    unet.add_argument("--warmup", type=NON_NEGATIVE_INT, default=1, help="untimed calls of each model first")
     unet.add_argument("--cpu-only", action="store_true", help="skip the CUDA run even if a GPU is present")
     unet.add_argument("--count-ops", action="store_true", help="also count the torch operators each model runs on the CPU (torch.profiler)")
     unet.add_argument("--json", type=Path, default=None, help="also write the run's record to this JSON file")
     unet.set_defaults(run=bench_unet)
     pipe = commands.add_parser("pipeline", help="sdlearn's StableDiffusion vs diffusers' StableDiffusionPipeline: UNet step, VAE decode, generation")
     pipe.add_argument("--config", default="sd15", choices=["tiny", "sd15"], help="model sizes (random weights) on the CPU")
-    pipe.add_argument("--size", type=int, default=64, help="image height and width on the CPU (fp32)")
-    pipe.add_argument("--steps", type=int, default=3, help="sampler steps of the end-to-end run on the CPU")
-    pipe.add_argument("--cuda-size", type=int, default=512, help="image height and width on CUDA (SD 1.5 sizes, fp16)")
-    pipe.add_argument("--cuda-steps", type=int, default=20, help="sampler steps of the end-to-end run on CUDA")
-    pipe.add_argument("--repeats", type=int, default=3, help="timed calls of each (the median and the fastest are reported)")
+    pipe.add_argument("--size", type=_multiple_of(64), default=64, help="image height and width on the CPU (fp32, a multiple of 64)")
+    pipe.add_argument("--steps", type=POSITIVE_INT, default=3, help="sampler steps of the end-to-end run on the CPU")
+    pipe.add_argument("--cuda-size", type=_multiple_of(64), default=512, help="image height and width on CUDA (SD 1.5 sizes, fp16)")
+    pipe.add_argument("--cuda-steps", type=POSITIVE_INT, default=20, help="sampler steps of the end-to-end run on CUDA")
+    pipe.add_argument("--repeats", type=POSITIVE_INT, default=3, help="timed calls of each (the median and the fastest are reported)")
     pipe.add_argument("--cpu-only", action="store_true", help="skip the CUDA run even if a GPU is present")
     pipe.add_argument("--json", type=Path, default=None, help="also write the run's record to this JSON file")
     pipe.set_defaults(run=bench_pipeline)
@@ -342,10 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def write_record(path: Path, argv, results: list) -> dict:
-    """The run as a JSON record (see the module docstring); returns it."""
+    """The run as a JSON record (see the module docstring), written atomically; returns it."""
     import diffusers
 
     from sdlearn.doctor import cpu_name
+    from sdlearn.models.files import write_text
 
     record = {
         "command": "python -m sdlearn.bench " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -353,14 +370,21 @@ def write_record(path: Path, argv, results: list) -> dict:
         "torch": torch.__version__, "diffusers": diffusers.__version__,
         "results": [timing.record() for timing in results],
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    write_text(Path(path), json.dumps(record, indent=2) + "\n")
     return record
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    from sdlearn.cli import USER_ERRORS, report_error, writable_file
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.json is not None:
+        try:
+            writable_file(args.json, "--json")  # before the benchmark, not after it
+        except USER_ERRORS as exc:
+            report_error(f"{parser.prog} {args.command}", exc)
+            return 2
     results = args.run(args)
     if args.json is not None:
         write_record(args.json, argv, results)

@@ -384,6 +384,38 @@ def test_evaluate_json_into_a_missing_folder_as_a_command(tmp_path):
     one_line_error(done.stderr, "does not exist; create it first")
 
 
+BENCH_FAULTS = [
+    (["unet", "--config", "tiny", "--repeats", "-1", "--cpu-only"], "--repeats must be at least 1, got -1"),
+    (["unet", "--config", "tiny", "--batch", "0", "--cpu-only"], "--batch must be at least 1, got 0"),
+    (["unet", "--config", "tiny", "--size", "0", "--cpu-only"], "--size must be at least 1, got 0"),
+    (["unet", "--config", "tiny", "--size", "12", "--cpu-only"], "--size must be a multiple of 8, got 12"),
+    (["unet", "--config", "tiny", "--warmup", "x"], "--warmup expected a whole number, got 'x'"),
+    (["pipeline", "--config", "tiny", "--size", "0"], "--size must be at least 1, got 0"),
+    (["pipeline", "--config", "tiny", "--steps", "0"], "--steps must be at least 1, got 0"),
+    (["pipeline", "--config", "tiny", "--json", "MISSING/x.json"], "does not exist; create it first"),
+]
+
+
+def test_bench_refuses_bad_arguments_before_timing(tmp_path, capsys, monkeypatch):
+    import sdlearn.bench as bench
+
+    def timed(*args, **kwargs):
+        raise AssertionError("the benchmark started before the argument error")
+
+    monkeypatch.setattr(bench, "bench_unet", timed)
+    monkeypatch.setattr(bench, "bench_pipeline", timed)
+    for args, message in BENCH_FAULTS:
+        args = [str(tmp_path / "missing" / "x.json") if a == "MISSING/x.json" else a for a in args]
+        code = bench.main(args) if "--json" in args else None
+        if code is None:
+            with pytest.raises(SystemExit) as exit_:
+                bench.main(args)
+            code = exit_.value.code
+        assert code == 2, (args, capsys.readouterr())
+        one_line_error(capsys.readouterr().err, message)
+    assert list(tmp_path.iterdir()) == []
+
+
 RECIPE_FAULTS = {
     "sdlearn.recipes.ddpm": [
         (["--steps", "-1"], "--steps must be at least 1, got -1"),

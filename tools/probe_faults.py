@@ -263,7 +263,7 @@ def probes(work: Path) -> list:
                     target.unlink()
                 return outcome, detail
             found.append((f"python -m {module}: {name}", leftover_probe, []))
-    # python -m sdlearn.bench (its arguments are not checked yet: these count as crashes until they are)
+    # python -m sdlearn.bench
     for args in (["unet", "--config", "tiny", "--repeats", "-1", "--cpu-only"], ["unet", "--config", "tiny", "--batch", "0", "--cpu-only"],
                  ["unet", "--config", "tiny", "--size", "0", "--cpu-only"], ["pipeline", "--config", "tiny", "--size", "0"]):
         found.append(("python -m sdlearn.bench " + " ".join(args), lambda args=args: run_command("sdlearn.bench", args), []))
