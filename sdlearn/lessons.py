@@ -8,6 +8,7 @@ derived from the single-file conversion tables.
 `random_sd15` (lesson 11): SD 1.5 at full size with random weights, for what a CPU can show of it.
 `clip_pair_retrieval` (lessons 08, 09): how often a tiny CLIP picks the right "a {colour} {shape}"
 caption for an image, on seen or held-out pairs.
+`lesson_times` (lesson 00): how long each lesson ran when its saved outputs were made, and where.
 """
 
 import os
@@ -129,3 +130,51 @@ def random_sd15(seed: int = 0) -> StableDiffusion:
     tokenizer = CLIPTokenizer.from_pretrained(data_dir() / "tokenizers" / "clip-vit-l14")
     return StableDiffusion(UNet(UNetConfig.sd15()), AutoencoderKL(VAEConfig.sd()), CLIPTextModel(CLIPTextConfig.vit_l14()),
                            tokenizer)
+
+
+@dataclass
+class LessonTime:
+    """How long one lesson's cells ran when its saved outputs were made (from the notebook's metadata)."""
+
+    name: str  # the notebook's file name
+    seconds: float  # the sum of its cells' times (nbclient's per-cell start and end)
+    cpu: str | None  # the CPU that ran it, where tools/execute_notebooks.py recorded it
+    native_bf16: bool | None
+
+
+def _cell_seconds(cell: dict) -> float:
+    from datetime import datetime
+
+    times = cell.get("metadata", {}).get("execution", {})
+    start, end = times.get("iopub.execute_input"), times.get("shell.execute_reply")
+    if not (start and end):
+        return 0.0
+    parse = lambda text: datetime.fromisoformat(text.replace("Z", "+00:00"))  # noqa: E731
+    return (parse(end) - parse(start)).total_seconds()
+
+
+def lesson_times(folder=None, exclude=()) -> list:
+    """LessonTime for each notebooks/NN_*.ipynb (default: the repository's notebooks/ folder), in order,
+    but those named in `exclude` (lesson 00 leaves itself out: it is being run while it reads).
+
+    The seconds add up each code cell's run as nbclient recorded it; a notebook saved without
+    those records (edited by hand, say) raises ValueError rather than report 0 s.
+    """
+    import json
+    from pathlib import Path
+
+    folder = Path(folder) if folder is not None else data_dir().parent / "notebooks"
+    paths = [p for p in sorted(folder.glob("[0-9][0-9]_*.ipynb")) if p.name not in exclude]
+    if not paths:
+        raise FileNotFoundError(f"no lesson notebooks (NN_*.ipynb) in {folder}")
+    result = []
+    for path in paths:
+        nb = json.loads(path.read_text(encoding="utf-8"))
+        code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+        timed = [c for c in code if c.get("metadata", {}).get("execution")]
+        if len(timed) < len(code):
+            raise ValueError(f"{path.name}: {len(code) - len(timed)} of {len(code)} code cells have no recorded run time; "
+                             f"re-execute it with tools/execute_notebooks.py")
+        run = nb.get("metadata", {}).get("sdlearn", {})
+        result.append(LessonTime(path.name, round(sum(_cell_seconds(c) for c in code), 1), run.get("cpu"), run.get("native_bf16")))
+    return result

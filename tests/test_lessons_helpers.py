@@ -1,5 +1,6 @@
 """sdlearn.lessons: the tables lessons print are derived from the package and match the published layouts."""
 
+import pytest
 import torch
 
 from sdlearn.lessons import COMPVIS_CLASSES, compvis_unet_names
@@ -24,3 +25,42 @@ def test_compvis_names_of_sd15_match_the_original_checkpoints():
     classes = {ours_class: compvis_class for _, _, ours_class, compvis_class in rows}
     assert classes["Transformer2DModel"] == "SpatialTransformer" and classes["ResnetBlock2D"] == "ResBlock"
     assert set(COMPVIS_CLASSES) <= set(classes)
+
+
+def _timed_notebook(path, seconds: list, run: dict | None = None):
+    import json
+
+    cells = [{"cell_type": "markdown", "metadata": {}, "source": "text"}]
+    for i, s in enumerate(seconds):
+        meta = {} if s is None else {"execution": {"iopub.execute_input": "2026-01-01T10:00:00.000000Z",
+                                                   "shell.execute_reply": f"2026-01-01T10:{int(s) // 60:02d}:{s % 60:09.6f}Z"}}
+        cells.append({"cell_type": "code", "metadata": meta, "source": f"x = {i}", "outputs": [], "execution_count": i + 1})
+    path.write_text(json.dumps({"cells": cells, "metadata": {} if run is None else {"sdlearn": run}, "nbformat": 4, "nbformat_minor": 5}))
+
+
+def test_lesson_times_add_up_the_recorded_cell_times(tmp_path):
+    from sdlearn.lessons import lesson_times
+
+    _timed_notebook(tmp_path / "00_a.ipynb", [1.5, 62.25], {"cpu": "Some CPU", "native_bf16": False, "seconds": 70.0})
+    _timed_notebook(tmp_path / "01_b.ipynb", [0.5])
+    (tmp_path / "notes.ipynb").write_text("not a lesson")
+    times = lesson_times(tmp_path)
+    assert [(t.name, t.seconds, t.cpu, t.native_bf16) for t in times] == [
+        ("00_a.ipynb", 63.8, "Some CPU", False), ("01_b.ipynb", 0.5, None, None)]
+
+
+def test_lesson_times_refuse_a_notebook_without_records(tmp_path):
+    from sdlearn.lessons import lesson_times
+
+    _timed_notebook(tmp_path / "00_a.ipynb", [1.0, None])
+    with pytest.raises(ValueError, match="00_a.ipynb: 1 of 2 code cells have no recorded run time; re-execute it"):
+        lesson_times(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no lesson notebooks"):
+        lesson_times(tmp_path / "empty")
+
+
+def test_the_shipped_lessons_have_their_times_recorded():
+    from sdlearn.lessons import lesson_times
+
+    times = lesson_times()
+    assert len(times) >= 12 and all(t.seconds > 0 for t in times)

@@ -1,4 +1,8 @@
-"""Re-execute notebooks in place from a clean kernel, then strip widget state.
+"""Re-execute notebooks in place from a clean kernel, then strip widget state and record the run.
+
+The notebook's metadata gets `sdlearn`: the CPU, whether it has native bfloat16, torch's
+threads and the seconds the run took (lesson 00's course map reads it); nbclient records each
+cell's start and end in the cell's metadata.
 
 Usage: python tools/execute_notebooks.py notebooks/03_forward_noising.ipynb [...] [--force]
 
@@ -42,12 +46,24 @@ def execute(path: Path, timeout: int) -> float:
         nb, timeout=timeout, kernel_name="sdlearn", resources={"metadata": {"path": str(path.parent)}}
     )
     client.execute()
+    seconds = time.perf_counter() - start
     strip_widget_state(nb)
+    nb.metadata["sdlearn"] = run_record(seconds)
     nb.metadata["kernelspec"] = {"name": "sdlearn", "display_name": "sdlearn (Python 3)", "language": "python"}
     tmp = path.with_suffix(".ipynb.tmp")
     nbformat.write(nb, tmp)
     tmp.replace(path)
-    return time.perf_counter() - start
+    return seconds
+
+
+def run_record(seconds: float) -> dict:
+    """Where and how long the saved outputs were made (lesson 00 reads it: sdlearn.lessons.lesson_times)."""
+    import torch
+
+    from sdlearn.doctor import cpu_name
+    from sdlearn.train import native_bf16
+
+    return {"cpu": cpu_name(), "native_bf16": native_bf16(), "torch_threads": torch.get_num_threads(), "seconds": round(seconds, 1)}
 
 
 def main(argv=None) -> int:
