@@ -26,6 +26,7 @@ import torch
 
 from sdlearn.cli import POSITIVE_FLOAT, POSITIVE_INT, SEED, ArgumentParser, int_range, one_line
 from sdlearn.datasets import Shapes
+from sdlearn.models.files import write_text  # atomic: a failed write keeps the old file
 from sdlearn.recipes import check_out_folder
 from sdlearn.doctor import cpu_name
 from sdlearn.referee import EVAL_SEED, HEADS, ClassifierConfig, ShapesClassifier, render_accuracy
@@ -117,7 +118,7 @@ def main(argv=None) -> int:
         "accuracy_on_fresh_renders": {k: {h: round(a, 4) for h, a in v.items()} for k, v in accuracy.items()},
         "eval_seed": EVAL_SEED,
     }
-    (args.out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_text(args.out / "training.json", json.dumps(report, indent=2) + "\n")
     for size, heads in accuracy.items():
         print(f"{size}: " + "  ".join(f"{h} {100 * a:.1f}%" for h, a in heads.items()))
     print(f"saved to {args.out}: {wall:.0f} s wall, {cpu:.0f} s CPU ({torch.get_num_threads()} threads)")

@@ -20,6 +20,7 @@ from sdlearn.cli import POSITIVE_FLOAT, POSITIVE_INT, SEED, ArgumentParser, one_
 from sdlearn.datasets import Shapes, data_dir
 from sdlearn.models.clip import (BOS_TOKEN, END_OF_WORD, EOS_TOKEN, PIECE_PATTERN, CLIPTextConfig, CLIPTokenizer, TinyCLIP,
                                  bytes_to_unicode)
+from sdlearn.models.files import write_text  # atomic: a failed write keeps the old file
 from sdlearn.recipes import check_out_folder
 from sdlearn.train import train
 
@@ -198,7 +199,7 @@ def write_record(out, argv, settings: dict, model: TinyCLIP, tokenizer: CLIPToke
         "torch_threads": torch.get_num_threads(),
         "cpu": cpu_name(),
     }
-    (Path(out) / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_text(Path(out) / "training.json", json.dumps(record, indent=2) + "\n")
     return record
 
 

@@ -68,6 +68,7 @@ from sdlearn.doctor import cpu_name
 from sdlearn.cli import (NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, PROBABILITY, SEED, ArgumentParser,
                          one_line)
 from sdlearn.models.checkpoint import CheckpointError
+from sdlearn.models.files import write_text  # atomic: a failed write keeps the old file
 from sdlearn.recipes import prepare_work_folder, run_keeping_only_resumable_work, work_folder  # noqa: F401 (work_folder: callers ask the recipe)
 from sdlearn.train import PRECISIONS, EMALoss, EMATrainee, resolve_precision, train
 from sdlearn.models.unet import UNet
@@ -206,7 +207,7 @@ def train_ddpm(out, steps: int = STEPS, batch_size: int = 32, lr: float = 2e-3, 
     unet = model.ema.eval()
     unet.save_pretrained(out / "unet", overwrite=overwrite)
     (out / "scheduler").mkdir(parents=True, exist_ok=True)
-    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_text(out / "scheduler" / "scheduler_config.json", json.dumps(config, indent=2) + "\n")
 
     settings = dict(steps=steps, batch_size=batch_size, lr=lr, lr_schedule="cosine", ema_decay=ema_decay,
                     train_images=train_images, seed=seed, image_size=IMAGE_SIZE, beta_schedule=beta_schedule,
@@ -229,7 +230,7 @@ def train_ddpm(out, steps: int = STEPS, batch_size: int = 32, lr: float = 2e-3, 
     }
     if eval_samples:
         report.update(measure_end_of_run(unet, config, eval_samples, conditional, guidance_scales, out / "samples.png"))
-    (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_text(out / "training.json", json.dumps(report, indent=2) + "\n")
     if not keep_work:
         shutil.rmtree(work)
     return report

@@ -62,6 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from sdlearn.models.clip import CLIPTextModel, CLIPTokenizer
+from sdlearn.models.files import write_text  # atomic: a failed write keeps the old file
 from sdlearn.recipes.clip import train_tiny_clip
 from sdlearn.datasets import Shapes, data_dir, to_model_range
 from sdlearn.doctor import cpu_name
@@ -433,7 +434,7 @@ def train_mini_sd(out, config: MiniSDConfig | None = None, resume: bool = False,
     if vae is not None and not (Path(vae) / "config.json").is_file():
         raise FileNotFoundError(f"--vae {vae} holds no config.json; expected a diffusers AutoencoderKL folder.")
     work = prepare_work_folder(out, OUTPUTS, "a pipeline", resume, overwrite)
-    (work / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    write_text(work / "config.json", json.dumps(asdict(config), indent=2) + "\n")
 
     seconds = {}
     began = time.perf_counter()
@@ -479,7 +480,7 @@ def train_mini_sd(out, config: MiniSDConfig | None = None, resume: bool = False,
         "torch_threads": torch.get_num_threads(),
         "cpu": cpu_name(),
     }
-    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_text(out / "training.json", json.dumps(record, indent=2) + "\n")
     if not keep_work:
         shutil.rmtree(work)
     return pipe

@@ -58,6 +58,7 @@ import torch
 from sdlearn.autoencoder import latent_scaling_factor, psnr
 from sdlearn.cli import FINITE_FLOAT, NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, POSITIVE_INT, SEED, ArgumentParser, one_line
 from sdlearn.datasets import Shapes
+from sdlearn.models.files import write_text  # atomic: a failed write keeps the old file
 from sdlearn.recipes import check_out_folder
 from sdlearn.train import train
 from sdlearn.models.vae import AutoencoderKL, VAEConfig
@@ -283,7 +284,7 @@ def train_tiny_vae(
         "heldout_psnr_db": round(quality, 2), "heldout_images": eval_images,
         "referee_on_reconstructions": referee_on_reconstructions(model, eval_images),
     }
-    (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text(out / "training.json", json.dumps(summary, indent=2) + "\n")
     (out / STATE_NAME).unlink()
     return summary
 
