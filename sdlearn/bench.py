@@ -346,9 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     unet.set_defaults(run=bench_unet)
     pipe = commands.add_parser("pipeline", help="sdlearn's StableDiffusion vs diffusers' StableDiffusionPipeline: UNet step, VAE decode, generation")
     pipe.add_argument("--config", default="sd15", choices=["tiny", "sd15"], help="model sizes (random weights) on the CPU")
-    pipe.add_argument("--size", type=_multiple_of(64), default=64, help="image height and width on the CPU (fp32, a multiple of 64)")
+    pipe.add_argument("--size", type=_multiple_of(8), default=64, help="image height and width on the CPU (fp32, a multiple of 8)")
     pipe.add_argument("--steps", type=POSITIVE_INT, default=3, help="sampler steps of the end-to-end run on the CPU")
-    pipe.add_argument("--cuda-size", type=_multiple_of(64), default=512, help="image height and width on CUDA (SD 1.5 sizes, fp16)")
+    pipe.add_argument("--cuda-size", type=_multiple_of(8), default=512, help="image height and width on CUDA (SD 1.5 sizes, fp16)")
     pipe.add_argument("--cuda-steps", type=POSITIVE_INT, default=20, help="sampler steps of the end-to-end run on CUDA")
     pipe.add_argument("--repeats", type=POSITIVE_INT, default=3, help="timed calls of each (the median and the fastest are reported)")
     pipe.add_argument("--cpu-only", action="store_true", help="skip the CUDA run even if a GPU is present")
@@ -370,18 +370,20 @@ def write_record(path: Path, argv, results: list) -> dict:
         "torch": torch.__version__, "diffusers": diffusers.__version__,
         "results": [timing.record() for timing in results],
     }
-    write_text(Path(path), json.dumps(record, indent=2) + "\n")
+    write_text(Path(path), json.dumps(record, indent=2) + "\n")  # makes the folder if missing
     return record
 
 
 def main(argv=None) -> int:
-    from sdlearn.cli import USER_ERRORS, report_error, writable_file
+    from sdlearn.cli import USER_ERRORS, CLIError, report_error, writable_folder
 
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.json is not None:
         try:
-            writable_file(args.json, "--json")  # before the benchmark, not after it
+            if args.json.is_dir():  # checked before the benchmark, not after it
+                raise CLIError(f"--json {args.json} is a folder; give a file name.")
+            writable_folder(args.json.parent, "--json's folder")  # made if missing
         except USER_ERRORS as exc:
             report_error(f"{parser.prog} {args.command}", exc)
             return 2

@@ -392,7 +392,9 @@ BENCH_FAULTS = [
     (["unet", "--config", "tiny", "--warmup", "x"], "--warmup expected a whole number, got 'x'"),
     (["pipeline", "--config", "tiny", "--size", "0"], "--size must be at least 1, got 0"),
     (["pipeline", "--config", "tiny", "--steps", "0"], "--steps must be at least 1, got 0"),
-    (["pipeline", "--config", "tiny", "--json", "MISSING/x.json"], "does not exist; create it first"),
+    (["pipeline", "--config", "tiny", "--size", "36"], "--size must be a multiple of 8, got 36"),
+    (["pipeline", "--config", "tiny", "--json", "TMP"], "is a folder; give a file name"),
+    (["pipeline", "--config", "tiny", "--json", "FILE/x.json"], "a-file is a file, not a folder"),
 ]
 
 
@@ -404,8 +406,9 @@ def test_bench_refuses_bad_arguments_before_timing(tmp_path, capsys, monkeypatch
 
     monkeypatch.setattr(bench, "bench_unet", timed)
     monkeypatch.setattr(bench, "bench_pipeline", timed)
+    (tmp_path / "a-file").write_text("mine")
     for args, message in BENCH_FAULTS:
-        args = [str(tmp_path / "missing" / "x.json") if a == "MISSING/x.json" else a for a in args]
+        args = [str(tmp_path / "a-file" / "x.json") if a == "FILE/x.json" else str(tmp_path) if a == "TMP" else a for a in args]
         code = bench.main(args) if "--json" in args else None
         if code is None:
             with pytest.raises(SystemExit) as exit_:
@@ -413,7 +416,7 @@ def test_bench_refuses_bad_arguments_before_timing(tmp_path, capsys, monkeypatch
             code = exit_.value.code
         assert code == 2, (args, capsys.readouterr())
         one_line_error(capsys.readouterr().err, message)
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["a-file"] and (tmp_path / "a-file").read_text() == "mine"
 
 
 RECIPE_FAULTS = {
