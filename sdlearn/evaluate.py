@@ -111,22 +111,6 @@ def format_classifier_report(report: Mapping, n: int, seed: int) -> str:
     return "\n".join(lines)
 
 
-def record_classifier(path, n: int = 500, seed: int = EVAL_SEED, classifier=None) -> dict:
-    """classifier_report, printed and written to `path` (data/shapes-classifier/evaluation.json is this
-    with the defaults: the clean-shape rate of real renders the READMEs quote)."""
-    report = classifier_report(n, seed, classifier)
-    print(format_classifier_report(report, n, seed))
-    command = f"python -m sdlearn.evaluate classifier --n {n} --seed {seed} --json {path}"
-    return write_record(path, command, n=n, seed=seed, sizes=report)
-
-
-def write_record(path, command: str, **fields) -> dict:
-    """Write an evaluation record (JSON): the command, the machine, then `fields`; returns it."""
-    record = {"command": command, "torch_threads": torch.get_num_threads(), "cpu": cpu_name(), **fields}
-    write_json(Path(path), record)
-    return record
-
-
 # ---------------------------------------------------------------------------------------
 # The pixel-space DDPM: clean shapes, and the attributes it was asked for
 # ---------------------------------------------------------------------------------------
@@ -416,12 +400,13 @@ def main(argv=None) -> int:
         report_error(f"{parser.prog} {args.command}", exc)
         return 2
     classifier = prepared["classifier"]
+    command = "python -m sdlearn.evaluate " + " ".join(sys.argv[1:] if argv is None else argv)  # what the JSON records
     if args.command == "classifier":
         report = classifier_report(args.n, args.seed, classifier)
         print(format_classifier_report(report, args.n, args.seed))
         if args.json is not None:
-            command = "python -m sdlearn.evaluate " + " ".join(sys.argv[1:] if argv is None else argv)
-            write_record(args.json, command, n=args.n, seed=args.seed, sizes=report)
+            return save_report(parser.prog, args.json, {"command": command, "torch_threads": torch.get_num_threads(), "cpu": cpu_name(),
+                                                        "n": args.n, "seed": args.seed, "sizes": report})
         return 0
     if args.command == "ddpm":
         began = time.perf_counter()
@@ -432,7 +417,6 @@ def main(argv=None) -> int:
         print(format_clean_rates(results, args.samples, guidance))
         if args.json is not None:
             rows = [{"sampler": name, "steps": k, **row} for (name, k), row in results.items()]
-            command = "python -m sdlearn.evaluate " + " ".join(sys.argv[1:] if argv is None else argv)
             report = {"command": command, "samples": args.samples, "seed": args.seed, "torch_threads": torch.get_num_threads(), "cpu": cpu_name(),
                       "seconds": round(time.perf_counter() - began, 1), "results": rows}
             if any(row["asked_rate"] is not None for row in rows):
@@ -449,7 +433,6 @@ def main(argv=None) -> int:
                                       classifier, progress=True)
         print(format_text_to_image_report(report, args.n, args.heldout, args.steps, guidance))
         if args.json is not None:
-            command = "python -m sdlearn.evaluate " + " ".join(sys.argv[1:] if argv is None else argv)
             out = {"command": command, "n": args.n, "heldout": args.heldout, "steps": args.steps, "guidance_scale": guidance,
                    "seed": args.seed, "torch_threads": torch.get_num_threads(), "cpu": cpu_name(),
                    "seconds": round(time.perf_counter() - began, 1), "samplers": report}
