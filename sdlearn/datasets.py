@@ -59,6 +59,24 @@ COLOURS = {
 }
 COLOUR_NAMES = tuple(COLOURS)
 SHAPES = ("circle", "square", "triangle", "cross")
+
+# The wider world. The renderer draws more than the default dataset and mini-SD's captions
+# use: the widened autoencoder (data/tiny-vae) is trained on all of it, as SD's VAE was trained
+# on far more than any diffusion model built on it; the referee also knows the star, the
+# concept lesson 12 teaches a model that has never seen it. An extra name's integer label
+# continues the default tuple's (star is shape 4, brown is colour 8).
+EXTRA_COLOURS = {
+    "brown": (130, 80, 40),
+    "grey": (128, 128, 128),
+    "black": (30, 30, 30),
+    "teal": (20, 120, 120),
+    "lime": (160, 210, 40),
+    "navy": (30, 40, 110),
+}
+EXTRA_SHAPES = ("star", "diamond", "hexagon", "ring")
+ALL_COLOURS = {**COLOURS, **EXTRA_COLOURS}
+ALL_COLOUR_NAMES = tuple(ALL_COLOURS)
+ALL_SHAPES = SHAPES + EXTRA_SHAPES
 SIZES = ("small", "large")
 POSITIONS = (
     "top left", "top", "top right",
@@ -128,8 +146,16 @@ def max_jitter(size: str, size_px: int) -> float:
     return max(0.0, cell / 2 - HALF_EXTENT[size] * cell - EDGE_MARGIN_PX)
 
 
+def _regular_points(n: int, cx: float, cy: float, radius: float, start: float) -> list:
+    """n points on a circle, the first at angle `start` (radians; 0 points right, -pi/2 up)."""
+    return [(cx + radius * math.cos(start + 2 * math.pi * k / n), cy + radius * math.sin(start + 2 * math.pi * k / n)) for k in range(n)]
+
+
 def _outline(shape: str, cx: float, cy: float, r: float) -> list:
-    """Polygons (lists of (x, y)) for a shape centred at (cx, cy) inside the box of half side r."""
+    """Polygons (lists of (x, y)) for a shape centred at (cx, cy) inside the box of half side r.
+
+    The circle and the ring are drawn as ellipses by _draw_objects, not here.
+    """
     if shape == "square":
         h = 0.82 * r  # a little inside the box, so a square looks as big as a circle of radius r
         return [[(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]]
@@ -142,48 +168,78 @@ def _outline(shape: str, cx: float, cy: float, r: float) -> list:
             [(cx - r, cy - t), (cx + r, cy - t), (cx + r, cy + t), (cx - r, cy + t)],
             [(cx - t, cy - r), (cx + t, cy - r), (cx + t, cy + r), (cx - t, cy + r)],
         ]
-    raise ValueError(f"Unknown shape {shape!r}. Valid shapes: {', '.join(SHAPES)}.")
+    if shape == "star":
+        # Five points up; outer radius R, inner radius 0.4 R. Its top is R above the centre and
+        # its lowest points cos(36 deg) R below, so the centre moves down to centre it in the box.
+        R = 1.05 * r
+        dy = R * (1 - math.cos(math.pi / 5)) / 2
+        outer = _regular_points(5, cx, cy + dy, R, -math.pi / 2)
+        inner = _regular_points(5, cx, cy + dy, 0.4 * R, -math.pi / 2 + math.pi / 5)
+        return [[p for pair in zip(outer, inner) for p in pair]]
+    if shape == "diamond":
+        w = 0.7 * r  # taller than wide, so it is not a square turned by 45 degrees
+        return [[(cx, cy - r), (cx + w, cy), (cx, cy + r), (cx - w, cy)]]
+    if shape == "hexagon":
+        return [_regular_points(6, cx, cy, r, 0.0)]  # flat top and bottom
+    raise ValueError(f"Unknown shape {shape!r}. Valid shapes: {', '.join(ALL_SHAPES)}.")
 
 
-def _draw(colour: int, shape: int, size: int, position: int, size_px: int, jitter, antialias: bool) -> np.ndarray:
-    """Render one image as a (size_px, size_px, 3) uint8 array. `jitter` is in [-1, 1]^2."""
+def _draw_objects(objects, size_px: int, antialias: bool) -> np.ndarray:
+    """Render shapes onto one white image: a (size_px, size_px, 3) uint8 array.
+
+    objects: (colour, shape, size, position, jitter) tuples, integer labels into
+    ALL_COLOUR_NAMES, ALL_SHAPES, SIZES and POSITIONS, jitter in [-1, 1]^2; later ones on top.
+    """
     k = SUPERSAMPLE if antialias else 1
     cell = size_px / 3
-    row, col = divmod(position, 3)
-    size_name = SIZES[size]
-    r = HALF_EXTENT[size_name] * cell
-    reach = max_jitter(size_name, size_px)
-    cx = (col + 0.5) * cell + float(jitter[0]) * reach
-    cy = (row + 0.5) * cell + float(jitter[1]) * reach
     image = Image.new("RGB", (size_px * k, size_px * k), BACKGROUND)
     draw = ImageDraw.Draw(image)
-    fill = COLOURS[COLOUR_NAMES[colour]]
+
     # Continuous coordinates (pixel edges at integers) -> PIL's (pixel centres at integers).
     def pil_xy(x, y):
         return (x * k - 0.5, y * k - 0.5)
 
-    if SHAPES[shape] == "circle":
-        (x0, y0), (x1, y1) = pil_xy(cx - r, cy - r), pil_xy(cx + r, cy + r)
-        draw.ellipse([x0, y0, x1, y1], fill=fill)
-    else:
-        for polygon in _outline(SHAPES[shape], cx, cy, r):
-            draw.polygon([pil_xy(x, y) for x, y in polygon], fill=fill)
+    for colour, shape, size, position, jitter in objects:
+        row, col = divmod(position, 3)
+        size_name = SIZES[size]
+        r = HALF_EXTENT[size_name] * cell
+        reach = max_jitter(size_name, size_px)
+        cx = (col + 0.5) * cell + float(jitter[0]) * reach
+        cy = (row + 0.5) * cell + float(jitter[1]) * reach
+        fill = ALL_COLOURS[ALL_COLOUR_NAMES[colour]]
+        shape_name = ALL_SHAPES[shape]
+        if shape_name in ("circle", "ring"):
+            (x0, y0), (x1, y1) = pil_xy(cx - r, cy - r), pil_xy(cx + r, cy + r)
+            draw.ellipse([x0, y0, x1, y1], fill=fill)
+            if shape_name == "ring":  # a disc with a hole of 0.55 r: background shows through
+                h = 0.55 * r
+                (x0, y0), (x1, y1) = pil_xy(cx - h, cy - h), pil_xy(cx + h, cy + h)
+                draw.ellipse([x0, y0, x1, y1], fill=BACKGROUND)
+        else:
+            for polygon in _outline(shape_name, cx, cy, r):
+                draw.polygon([pil_xy(x, y) for x, y in polygon], fill=fill)
     if k > 1:
         image = image.reduce(k)  # mean of each k x k block
     return np.asarray(image)
 
 
+def _draw(colour: int, shape: int, size: int, position: int, size_px: int, jitter, antialias: bool) -> np.ndarray:
+    """Render one image as a (size_px, size_px, 3) uint8 array. `jitter` is in [-1, 1]^2."""
+    return _draw_objects([(colour, shape, size, position, jitter)], size_px, antialias)
+
+
 def render(colour, shape, size, position, size_px: int = 64, jitter_rng=None, antialias: bool = True) -> Image.Image:
     """Draw one shape with the given attributes (names or integer labels) as a PIL image.
 
-    Without `jitter_rng` the shape sits at the centre of its grid cell; with a
+    Any colour of ALL_COLOURS and shape of ALL_SHAPES (the star among them) can be drawn,
+    though the default dataset uses only COLOURS and SHAPES. Without `jitter_rng` the shape sits at the centre of its grid cell; with a
     numpy Generator it is moved by a random jitter, as in the dataset.
 
     >>> render("red", "triangle", "large", "top left", size_px=32)   # a held-out pair
     """
     labels = (
-        _index("colour", colour, COLOUR_NAMES),
-        _index("shape", shape, SHAPES),
+        _index("colour", colour, ALL_COLOUR_NAMES),
+        _index("shape", shape, ALL_SHAPES),
         _index("size", size, SIZES),
         _index("position", position, POSITIONS),
     )
@@ -215,6 +271,8 @@ def cell_mask(position, size_px: int = 64, align: int = 8) -> torch.Tensor:
 def make_caption(attrs: Mapping, rng=None, drop_prob: float = 0.0) -> str:
     """A caption for `attrs` (a mapping with names for "shape" and any of "colour", "size", "position").
 
+    Any name of ALL_COLOURS / ALL_SHAPES may be used ("a red star"); integer labels index them.
+
     With an rng, a template is drawn at random and each of colour, size and position is left
     out with probability drop_prob (the shape is always named). Without one, the first
     template names every attribute given: make_caption(dict(colour="red", shape="circle",
@@ -230,7 +288,7 @@ def make_caption(attrs: Mapping, rng=None, drop_prob: float = 0.0) -> str:
     if drop_prob > 0 and rng is None:
         raise ValueError("Dropping attributes is random: pass rng=np.random.default_rng(seed) with drop_prob > 0.")
     names = {
-        "colour": COLOUR_NAMES, "shape": SHAPES, "size": SIZES, "position": POSITIONS,
+        "colour": ALL_COLOUR_NAMES, "shape": ALL_SHAPES, "size": SIZES, "position": POSITIONS,
     }
     attrs = {key: names[key][_index(key, value, names[key])] for key, value in attrs.items()}
     template = TEMPLATES[0]
@@ -251,8 +309,8 @@ _PHRASE_TO_POSITION = {phrase: name for name, phrase in POSITION_PHRASES.items()
 _CAPTION_RE = re.compile(
     r"^(?:a picture of |an image of )?(?P<article>a|an) "
     rf"(?:(?P<size>{'|'.join(SIZES)}) )?"
-    rf"(?:(?P<colour>{'|'.join(COLOUR_NAMES)}) )?"
-    rf"(?P<shape>{'|'.join(SHAPES)})"
+    rf"(?:(?P<colour>{'|'.join(ALL_COLOUR_NAMES)}) )?"
+    rf"(?P<shape>{'|'.join(ALL_SHAPES)})"
     rf"(?: (?P<where>{'|'.join(POSITION_PHRASES.values())}))?$"
 )
 
@@ -283,15 +341,34 @@ def parse_caption(caption: str) -> dict:
 # ---------------------------------------------------------------------------------------
 
 
-def split_pairs(split: str) -> tuple:
-    """The (colour, shape) pairs a split draws from: 28 for train, the 4 HELD_OUT for test, 32 for all."""
+def split_pairs(split: str, colours: tuple = COLOUR_NAMES, shapes: tuple = SHAPES) -> tuple:
+    """The (colour, shape) pairs a split draws from: 28 for train, the 4 HELD_OUT for test, 32 for all.
+
+    With wider `colours` / `shapes` (names from ALL_COLOURS / ALL_SHAPES) the train split is
+    every pair but HELD_OUT and the test split stays HELD_OUT.
+    """
     _index("split", split, SPLITS)
-    pairs = [(c, s) for c in COLOUR_NAMES for s in SHAPES]
+    colours, shapes = _names("colour", colours, ALL_COLOUR_NAMES), _names("shape", shapes, ALL_SHAPES)
+    pairs = [(c, s) for c in colours for s in shapes]
     if split == "train":
         return tuple(p for p in pairs if p not in HELD_OUT)
     if split == "test":
         return HELD_OUT
     return tuple(pairs)
+
+
+def _names(kind: str, names, options: tuple) -> tuple:
+    """`names` as a tuple of known names without repeats; a clear error otherwise."""
+    if isinstance(names, str) or not names:
+        raise ValueError(f"{kind}s must be a non-empty sequence of names, e.g. {options[:2]}, got {names!r}.")
+    names = tuple(names)
+    for name in names:
+        if not isinstance(name, str):
+            raise ValueError(f"Give {kind}s by name, got {name!r}. Valid {kind}s: {', '.join(options)}.")
+        _index(kind, name, options)
+    if len(set(names)) != len(names):
+        raise ValueError(f"{kind}s are repeated in {names!r}; give each once.")
+    return names
 
 
 def to_model_range(pixels: np.ndarray) -> torch.Tensor:
@@ -312,10 +389,13 @@ class Shapes(Dataset):
                probability drop_prob) or "full" (every attribute, first template).
     size:      image side in pixels (>= 24); the scenes do not depend on it.
     cache:     keep rendered pixels (n x size x size x 3 bytes) so each image is drawn once.
+    colours, shapes: the names drawn from (default: COLOURS and SHAPES, the world mini-SD is
+               taught); e.g. shapes=SHAPES + ("star",) for the referee. The defaults give
+               exactly the dataset the course has always used.
 
     Each item is a dict: image (3, size, size) float in [-1, 1], caption (str), and the
-    integer labels colour, shape, size, position (indices into COLOUR_NAMES, SHAPES, SIZES,
-    POSITIONS; `attributes(i)` gives the names).
+    integer labels colour, shape, size, position (indices into ALL_COLOUR_NAMES, ALL_SHAPES,
+    SIZES, POSITIONS, which begin with COLOUR_NAMES and SHAPES; `attributes(i)` gives the names).
     """
 
     def __init__(
@@ -328,6 +408,8 @@ class Shapes(Dataset):
         drop_prob: float = 0.3,
         antialias: bool = True,
         cache: bool = True,
+        colours: tuple = COLOUR_NAMES,
+        shapes: tuple = SHAPES,
     ):
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"n (the number of images) must be a positive integer, got {n!r}.")
@@ -342,14 +424,15 @@ class Shapes(Dataset):
         self.antialias, self.cache = antialias, cache
 
         # Draw every item's attributes now (cheap); render pixels on demand.
-        pairs = split_pairs(split)
+        pairs = split_pairs(split, colours, shapes)
+        self.colours, self.shapes = _names("colour", colours, ALL_COLOUR_NAMES), _names("shape", shapes, ALL_SHAPES)
         labels = np.empty((self.n, 4), dtype=np.int64)  # colour, shape, size, position
         self.jitter = np.empty((self.n, 2), dtype=np.float64)  # in [-1, 1], times max_jitter
         self.captions = []
         for i in range(self.n):
             rng = np.random.default_rng([self.seed, self.split_index, i])
             colour, shape = pairs[int(rng.integers(len(pairs)))]
-            labels[i] = (COLOUR_NAMES.index(colour), SHAPES.index(shape), rng.integers(len(SIZES)), rng.integers(len(POSITIONS)))
+            labels[i] = (ALL_COLOUR_NAMES.index(colour), ALL_SHAPES.index(shape), rng.integers(len(SIZES)), rng.integers(len(POSITIONS)))
             self.jitter[i] = rng.uniform(-1.0, 1.0, size=2)
             attrs = dict(zip(("colour", "shape", "size", "position"), (colour, shape, SIZES[labels[i, 2]], POSITIONS[labels[i, 3]])))
             if captions == "full":
@@ -405,7 +488,7 @@ class Shapes(Dataset):
     def attributes(self, i: int) -> dict:
         """Item i's attributes by name, e.g. {"colour": "red", "shape": "circle", ...}."""
         colour, shape, size, position = (int(v) for v in self._labels[self._check_index(i)])
-        return {"colour": COLOUR_NAMES[colour], "shape": SHAPES[shape], "size": SIZES[size], "position": POSITIONS[position]}
+        return {"colour": ALL_COLOUR_NAMES[colour], "shape": ALL_SHAPES[shape], "size": SIZES[size], "position": POSITIONS[position]}
 
     def tensors(self) -> torch.Tensor:
         """All images as one float tensor (n, 3, size, size) in [-1, 1]."""
@@ -416,7 +499,83 @@ class Shapes(Dataset):
         return to_model_range(self._pixels)
 
     def __repr__(self) -> str:
-        return f"Shapes(n={self.n}, seed={self.seed}, size={self.size}, split={self.split!r}, captions={self.captions_mode!r})"
+        wider = ""
+        if self.colours != COLOUR_NAMES:
+            wider += f", colours={self.colours!r}"
+        if self.shapes != SHAPES:
+            wider += f", shapes={self.shapes!r}"
+        return f"Shapes(n={self.n}, seed={self.seed}, size={self.size}, split={self.split!r}, captions={self.captions_mode!r}{wider})"
+
+
+class Scenes(Dataset):
+    """The wider world the autoencoder learns: n images of 1 to max_objects shapes each, any
+    colour of ALL_COLOURS and shape of ALL_SHAPES (the star among them), in distinct grid cells.
+
+    Deterministic from seed as Shapes is (item i from its own generator). The (colour, shape)
+    pairs in HELD_OUT never appear (split "train"), so the autoencoder's held-out PSNR stays
+    held out. Each item: image (3, size, size) in [-1, 1] and caption, e.g.
+    "a large teal star in the top left and a small red circle at the bottom".
+    `objects(i)` gives the attribute names of each shape.
+    """
+
+    def __init__(self, n: int, seed: int = 0, size: int = 64, max_objects: int = 3, antialias: bool = True, cache: bool = True):
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"n (the number of images) must be a positive integer, got {n!r}.")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
+        if isinstance(max_objects, bool) or not isinstance(max_objects, (int, np.integer)) or not 1 <= max_objects <= len(POSITIONS):
+            raise ValueError(f"max_objects must be a whole number in 1..{len(POSITIONS)} (one per grid cell), got {max_objects!r}.")
+        self.n, self.seed, self.size, self.max_objects = int(n), int(seed), _check_size(size), int(max_objects)
+        self.antialias, self.cache = antialias, cache
+        pairs = split_pairs("train", ALL_COLOUR_NAMES, ALL_SHAPES)
+        self._objects = []  # per item: [(colour, shape, size, position, jitter)] as integer labels
+        for i in range(self.n):
+            rng = np.random.default_rng([self.seed, 7, i])  # 7: a stream no Shapes split uses
+            k = int(rng.integers(1, self.max_objects + 1))
+            cells = rng.choice(len(POSITIONS), size=k, replace=False)
+            items = []
+            for position in cells:
+                colour, shape = pairs[int(rng.integers(len(pairs)))]
+                items.append((ALL_COLOUR_NAMES.index(colour), ALL_SHAPES.index(shape), int(rng.integers(len(SIZES))),
+                              int(position), rng.uniform(-1.0, 1.0, size=2)))
+            self._objects.append(items)
+        self._pixels = {}
+
+    def __len__(self) -> int:
+        return self.n
+
+    def objects(self, i: int) -> list:
+        """The shapes of item i by name: [{"colour": ..., "shape": ..., "size": ..., "position": ...}]."""
+        return [
+            {"colour": ALL_COLOUR_NAMES[c], "shape": ALL_SHAPES[s], "size": SIZES[z], "position": POSITIONS[p]}
+            for c, s, z, p, _ in self._objects[Shapes._check_index(self, i)]
+        ]
+
+    def pixels(self, i: int) -> np.ndarray:
+        """Item i as (size, size, 3) uint8 RGB."""
+        i = Shapes._check_index(self, i)
+        if i in self._pixels:
+            return self._pixels[i]
+        out = _draw_objects(self._objects[i], self.size, self.antialias)
+        if self.cache:
+            self._pixels[i] = out
+        return out
+
+    def caption(self, i: int) -> str:
+        return " and ".join(make_caption(attrs) for attrs in self.objects(i))
+
+    def __getitem__(self, i) -> dict:
+        return {"image": to_model_range(self.pixels(i)), "caption": self.caption(i)}
+
+    def pil(self, i: int) -> Image.Image:
+        return Image.fromarray(self.pixels(i))
+
+    def tensors(self) -> torch.Tensor:
+        """All images as one float tensor (n, 3, size, size) in [-1, 1]."""
+        return to_model_range(np.stack([self.pixels(i) for i in range(self.n)]))
+
+    def __repr__(self) -> str:
+        return f"Scenes(n={self.n}, seed={self.seed}, size={self.size}, max_objects={self.max_objects})"
 
 
 # ---------------------------------------------------------------------------------------

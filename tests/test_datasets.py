@@ -10,7 +10,8 @@ import torch
 
 from sdlearn import datasets
 from sdlearn.datasets import (
-    COLOUR_NAMES, COLOURS, HELD_OUT, POSITIONS, SHAPES, SIZES, Shapes, data_path, make_caption,
+    ALL_COLOURS, ALL_SHAPES, COLOUR_NAMES, COLOURS, EXTRA_COLOURS, HELD_OUT, POSITIONS, SHAPES, SIZES, Scenes, Shapes,
+    data_path, make_caption,
     parse_caption, photograph, render,
 )
 
@@ -118,7 +119,10 @@ def test_make_caption_full_form():
     "call, message",
     [
         (lambda: render("violet", "circle", "small", "center"), "Valid colours"),
-        (lambda: render("red", "hexagon", "small", "center"), "'circle'"),
+        (lambda: render("red", "heart", "small", "center"), "'star'"),
+        (lambda: Shapes(4, shapes=("circle", "circle")), "repeated"),
+        (lambda: Shapes(4, colours="red"), "non-empty sequence"),
+        (lambda: Scenes(4, max_objects=10), "1..9"),
         (lambda: render("red", "circle", "medium", "center"), "'small'"),
         (lambda: render("red", "circle", "small", "middle"), "'top left'"),
         (lambda: Shapes(4, size=16), "at least 24"),
@@ -147,3 +151,92 @@ def test_missing_data_file_names_the_make_target(tmp_path, monkeypatch):
     (tmp_path / "tiny-vae").mkdir()
     assert data_path("tiny-vae") == tmp_path / "tiny-vae"
     assert datasets.data_dir() == tmp_path
+
+
+# ---------------------------------------------------------------------------------------
+# The wider world: more shapes (the star), more colours, scenes of several shapes
+# ---------------------------------------------------------------------------------------
+
+
+def test_the_default_dataset_is_exactly_what_it_was_before_the_world_widened():
+    """Pixels and captions of the default dataset, pinned: mini-SD's captions and images must not move."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for split in ("train", "test"):
+        ds = Shapes(64, seed=0, split=split)
+        h.update(np.stack([ds.pixels(i) for i in range(64)]).tobytes())
+        h.update("|".join(ds.captions).encode())
+    assert h.hexdigest() == "1dcdc2d294b8f2bc14c783f7ac1960b91e47f94e36ba71d08aa94040f9e195fc"
+    assert Shapes(500, seed=3).labels[:, 1].max() < len(SHAPES)  # never a star unless asked
+
+
+def test_the_extra_names_continue_the_default_labels():
+    assert ALL_SHAPES[:4] == SHAPES and ALL_SHAPES[4] == "star"
+    assert list(ALL_COLOURS)[:8] == list(COLOURS) and set(EXTRA_COLOURS).isdisjoint(COLOURS)
+    assert len(set(ALL_COLOURS.values())) == len(ALL_COLOURS)  # every colour its own RGB
+
+
+@pytest.mark.parametrize("shape", ["star", "diamond", "hexagon", "ring"])
+def test_extra_shapes_are_drawn_in_their_cell_and_differ_from_every_other_shape(shape):
+    img = np.asarray(render("blue", shape, "large", "center", size_px=64))
+    ink = (img != 255).any(axis=2)
+    ys, xs = np.nonzero(ink)
+    cell = 64 / 3
+    assert cell <= xs.min() and xs.max() < 2 * cell and cell <= ys.min() and ys.max() < 2 * cell
+    assert abs((xs.min() + xs.max()) / 2 - 31.5) <= 1 and abs((ys.min() + ys.max()) / 2 - 31.5) <= 1  # centred
+    amount = (255.0 - img).mean(axis=2)  # symmetric about the vertical axis, up to rasterising:
+    assert np.abs(amount - amount[:, ::-1]).sum() <= 0.1 * amount.sum()
+    others = [s for s in ALL_SHAPES if s != shape]
+    for other in others:
+        other_ink = (np.asarray(render("blue", other, "large", "center", size_px=64)) != 255).any(axis=2)
+        assert (ink != other_ink).sum() > 20, (shape, other)
+
+
+def test_the_star_has_five_points():
+    """Walk a circle between the star's inner and outer radius: it crosses ink five times."""
+    img = np.asarray(render("red", "star", "large", "center", size_px=256, antialias=False))
+    ink = (img != 255).any(axis=2)
+    ys, xs = np.nonzero(ink)
+    cy, cx = (ys.min() + ys.max()) / 2 + 0.05 * (ys.max() - ys.min()), (xs.min() + xs.max()) / 2
+    radius = 0.75 * (ys.max() - ys.min()) / 2
+    angles = np.linspace(0, 2 * np.pi, 720, endpoint=False)
+    on = ink[(cy + radius * np.sin(angles)).astype(int), (cx + radius * np.cos(angles)).astype(int)]
+    assert int((on & ~np.roll(on, 1)).sum()) == 5
+    star, circle = ink.sum(), (np.asarray(render("red", "circle", "large", "center", size_px=256, antialias=False)) != 255).any(axis=2).sum()
+    assert 0.3 < star / circle < 0.6  # a star covers much less than its circumscribed disc
+
+
+def test_wider_shapes_datasets_draw_only_the_names_asked_for():
+    stars = Shapes(40, seed=1, split="all", shapes=("star",))
+    assert {stars.attributes(i)["shape"] for i in range(40)} == {"star"}
+    assert all("star" in caption for caption in stars.captions)
+    extra = Shapes(60, seed=1, split="all", colours=tuple(EXTRA_COLOURS))
+    assert {extra.attributes(i)["colour"] for i in range(60)} == set(EXTRA_COLOURS)
+    item = extra[0]
+    rgb = ALL_COLOURS[extra.attributes(0)["colour"]]
+    assert (extra.pixels(0).reshape(-1, 3) == rgb).all(axis=1).any() and item["image"].shape == (3, 64, 64)
+    train = Shapes(400, seed=2, split="train", shapes=ALL_SHAPES)
+    pairs = {(train.attributes(i)["colour"], train.attributes(i)["shape"]) for i in range(400)}
+    assert not pairs & set(HELD_OUT)
+    assert parse_caption("a large navy star in the top left") == {"colour": "navy", "shape": "star", "size": "large", "position": "top left"}
+
+
+def test_scenes_are_deterministic_distinct_cells_and_captioned_truthfully():
+    a, b = Scenes(50, seed=4), Scenes(200, seed=4)
+    assert np.array_equal(a.pixels(7), b.pixels(7)) and a.caption(7) == b.caption(7)
+    counts = set()
+    for i in range(50):
+        objects = a.objects(i)
+        counts.add(len(objects))
+        assert len({o["position"] for o in objects}) == len(objects)  # one shape per cell
+        assert not {(o["colour"], o["shape"]) for o in objects} & set(HELD_OUT)
+        assert [parse_caption(part) for part in a.caption(i).split(" and ")] == objects
+        ink = (a.pixels(i) != 255).any(axis=2)
+        for o in objects:  # every named shape has ink in its cell
+            row, col = divmod(POSITIONS.index(o["position"]), 3)
+            assert ink[round(row * 64 / 3):round((row + 1) * 64 / 3), round(col * 64 / 3):round((col + 1) * 64 / 3)].any()
+    assert counts == {1, 2, 3}
+    shapes_seen = {o["shape"] for i in range(50) for o in a.objects(i)}
+    assert "star" in shapes_seen and len(shapes_seen) >= 7
+    assert a[0]["image"].shape == (3, 64, 64) and a.tensors().shape == (50, 3, 64, 64)
