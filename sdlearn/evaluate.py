@@ -57,6 +57,7 @@ from sdlearn.referee import (  # noqa: F401 (re-exported)
     MAKE_TARGET,
     MAX_RENDER_ERROR,
     MAX_STRAY,
+    REFEREE_SHAPES,
     STRAY_LEVEL,
     ClassifierConfig,
     CleanShapeScores,
@@ -86,12 +87,13 @@ TEXT_TO_IMAGE_GUIDANCE = 4.0  # for a text-to-image model whose folder records n
 
 def classifier_report(n: int = 500, seed: int = EVAL_SEED, classifier=None, sizes=(64, 32)) -> dict:
     """{"64px": {"accuracy": {head: rate}, "clean_rate": rate, "judges_agree": {...}, "seconds": s}, "32px": ...}:
-    the referee on n fresh renders of all 32 (colour, shape) pairs per image size: the classifier's
-    accuracy per head, the fraction is_clean_shape passes, and its agreement with match_render."""
+    the referee on n fresh renders of all 40 (colour, shape) pairs it knows (the star among them)
+    per image size: the classifier's accuracy per head, the fraction is_clean_shape passes, and
+    its agreement with match_render."""
     report = {}
     for size in sizes:
         began = time.perf_counter()
-        renders = Shapes(n, seed=seed, size=size, split="all").tensors()
+        renders = Shapes(n, seed=seed, size=size, split="all", shapes=REFEREE_SHAPES).tensors()
         scores = clean_shape_scores(renders, classifier)
         report[f"{size}px"] = {
             "accuracy": render_accuracy(n, seed, size, classifier),

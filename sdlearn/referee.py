@@ -1,6 +1,6 @@
 """The referee: a small CNN that reads colour, shape, size and position back from an image.
 
-    p_head(x) = softmax(ShapesClassifier(resize(x, 32))_head)     heads: colour (8), shape (4), size (2), position (9)
+    p_head(x) = softmax(ShapesClassifier(resize(x, 32))_head)     heads: colour (8), shape (5), size (2), position (9)
     read(x)   = argmax p_head(x), for each head                   (`classify`)
 
 A clean shape (`is_clean_shape`): with R the clean render of read(x), placed where x's shape
@@ -33,9 +33,11 @@ where no ground truth exists, a second judge that reads by rendering instead of 
 classifier (`match_render`) reads the same four attributes; sdlearn.evaluate records how
 often the two agree (`judges_agreement`) beside every figure it reports.
 
-The referee is not a player: it is trained on real renders (sdlearn.datasets) of ALL 32
-(colour, shape) pairs, the HELD_OUT ones included, so it knows a red triangle when a
-text-to-image model is asked for one it never saw. It sees 32x32 inputs; other sizes are
+The referee is not a player: it is trained on real renders (sdlearn.datasets) of ALL 40
+(colour, shape) pairs of the eight colours and REFEREE_SHAPES, the HELD_OUT ones included, so
+it knows a red triangle when a text-to-image model is asked for one it never saw, and a star,
+the shape no model is taught until lesson 12 (a model asked for a star that draws a circle is
+read as a circle, not given the benefit of the doubt). It sees 32x32 inputs; other sizes are
 resized first (bilinear, antialiased when shrinking), and training shows it both 64 px and
 32 px renders, so it reads the latent models' 64 px images and the pixel DDPM's 32 px ones
 equally well (`python -m sdlearn.evaluate classifier` measures both; the clean-shape check
@@ -60,11 +62,15 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from sdlearn.datasets import COLOUR_NAMES, COLOURS, POSITIONS, SHAPES, SIZES, Shapes, _draw, data_path, max_jitter
+from sdlearn.datasets import (
+    ALL_COLOUR_NAMES, ALL_SHAPES, COLOUR_NAMES, COLOURS, POSITIONS, SHAPES, SIZES, Shapes, _draw, data_path, max_jitter,
+)
 from sdlearn.models.checkpoint import ModelConfig, Pretrained
 
+# The shapes the referee reads: mini-SD's four and the star (the concept lesson 12 teaches).
+REFEREE_SHAPES = SHAPES + ("star",)
 # The four heads and their class names; the index of a name is its label, as in sdlearn.datasets.
-HEADS = {"colour": COLOUR_NAMES, "shape": SHAPES, "size": SIZES, "position": POSITIONS}
+HEADS = {"colour": COLOUR_NAMES, "shape": REFEREE_SHAPES, "size": SIZES, "position": POSITIONS}
 CONFIDENCE = 0.9  # every head's largest probability must reach this
 DEAD_ZONE = 0.05  # per-pixel deviations below this (on [0, 1]) are invisible and ignored
 MAX_RENDER_ERROR = 0.2  # visible error relative to the shape's own ink
@@ -280,7 +286,7 @@ def _render_centred(attrs: dict, centre: np.ndarray, size_px: int) -> np.ndarray
     reach = max_jitter(attrs["size"], size_px)
     offset = centre - np.array([(col + 0.5) * cell, (row + 0.5) * cell])
     jitter = np.clip(offset / reach, -1.0, 1.0) if reach > 0 else np.zeros(2)
-    labels = (COLOUR_NAMES.index(attrs["colour"]), SHAPES.index(attrs["shape"]), SIZES.index(attrs["size"]), position)
+    labels = (ALL_COLOUR_NAMES.index(attrs["colour"]), ALL_SHAPES.index(attrs["shape"]), SIZES.index(attrs["size"]), position)
     return _draw(*labels, size_px, jitter, True).astype(np.float64) / 255.0
 
 
@@ -419,8 +425,8 @@ def format_faithfulness(table: Mapping, title: str | None = None) -> str:
 
 
 def render_accuracy(n: int = 500, seed: int = EVAL_SEED, size: int = 64, classifier=None) -> dict:
-    """Accuracy per head on n fresh renders of all 32 (colour, shape) pairs (a seed the recipe did not train on)."""
-    dataset = Shapes(n, seed=seed, size=size, split="all")
+    """Accuracy per head on n fresh renders of all 40 (colour, shape) pairs the referee knows (a seed the recipe did not train on)."""
+    dataset = Shapes(n, seed=seed, size=size, split="all", shapes=REFEREE_SHAPES)
     predictions = classify(dataset.tensors(), classifier)
     labels = {name: dataset.labels[:, i] for i, name in enumerate(HEADS)}
     return {name: (predictions.labels[name] == labels[name]).float().mean().item() for name in HEADS}
@@ -483,7 +489,7 @@ def _read_by_rendering(x01: np.ndarray) -> dict | None:
     position = POSITIONS[3 * row + col]
     # Shape and size: the clean render, placed where the image's shape is, that differs least.
     best, best_error = None, math.inf
-    for shape in SHAPES:
+    for shape in REFEREE_SHAPES:
         for size in SIZES:
             attrs = {"colour": colour, "shape": shape, "size": size, "position": position}
             render = _matching_render(x01, attrs)
@@ -502,7 +508,7 @@ def match_render(images) -> list:
         ink      = pixels whose mean distance from white exceeds INK_LEVEL
         colour   = argmin_c sum over ink pixels |x - (a c + (1 - a) white)|, a the coverage of c
         position = the grid cell of the centroid of colour c's coverage
-        shape, size = argmin over the 8 pairs of sum_p max(0, D_p - DEAD_ZONE), D against the
+        shape, size = argmin over the 10 pairs of sum_p max(0, D_p - DEAD_ZONE), D against the
                    clean render placed at the image's centroid (as in render_errors)
 
     It shares the renderer with the clean-shape check, not the classifier's weights, so where

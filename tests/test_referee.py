@@ -19,8 +19,8 @@ def classifier():
 
 @pytest.fixture(scope="module", params=[32, 64])
 def renders(request):
-    """500 fresh renders of all 32 (colour, shape) pairs, a seed the classifier never trained on."""
-    return Shapes(500, seed=4242, size=request.param, split="all")
+    """500 fresh renders of all 40 (colour, shape) pairs the referee knows (the star among them), a seed it never trained on."""
+    return Shapes(500, seed=4242, size=request.param, split="all", shapes=referee.REFEREE_SHAPES)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -297,3 +297,17 @@ def test_judges_agree_on_renders_and_the_agreement_can_fail(classifier):
     assert mismatch["colour"] == 0.0 and mismatch["all"] == 0.0 and mismatch["shape"] >= 0.98
     assert referee.match_render(torch.ones(3, 32, 32)) == [None]  # nothing drawn: no reading
     assert referee.judges_agreement(torch.ones(2, 3, 32, 32), classifier)["all"] == 0.0
+
+
+@pytest.mark.parametrize("size_px", [64, 32])
+def test_the_referee_knows_the_star_and_does_not_call_other_shapes_stars(classifier, size_px):
+    """Lesson 12 teaches mini-SD the star; the referee must read it, and read a circle drawn
+    instead of a star as a circle (both judges)."""
+    stars = Shapes(80, seed=77, size=size_px, split="all", shapes=("star",))
+    read = referee.classify(stars.tensors(), classifier).names()
+    assert sum(r["shape"] == "star" for r in read) >= 0.98 * len(read)
+    assert referee.is_clean_shape(stars.tensors(), classifier).float().mean() >= 0.95
+    rendered = referee.match_render(stars.tensors())
+    assert sum(r is not None and r["shape"] == "star" for r in rendered) >= 0.95 * len(rendered)
+    others = Shapes(80, seed=78, size=size_px, split="all")  # the four default shapes only
+    assert not any(r["shape"] == "star" for r in referee.classify(others.tensors(), classifier).names())

@@ -2,7 +2,8 @@
 
     python -m sdlearn.recipes.classifier --out data/shapes-classifier [--steps N] [--overwrite]
 
-Training data: real renders of all 32 (colour, shape) pairs (split="all": the held-out pairs
+Training data: real renders of all 40 (colour, shape) pairs of the eight colours and
+referee.REFEREE_SHAPES (mini-SD's four shapes and the star; split="all": the held-out pairs
 included, because the referee must recognise what the generators are asked for), half at
 64 px (seed 1, resized to 32 by the model itself) and half at 32 px (seed 2), so one
 network reads both sizes. Augmentation: the dataset's own position jitter, plus Gaussian
@@ -29,7 +30,7 @@ from sdlearn.datasets import Shapes
 from sdlearn.models.files import write_text  # atomic: a failed write keeps the old file
 from sdlearn.recipes import check_out_folder
 from sdlearn.doctor import cpu_name
-from sdlearn.referee import EVAL_SEED, HEADS, ClassifierConfig, ShapesClassifier, render_accuracy
+from sdlearn.referee import EVAL_SEED, HEADS, REFEREE_SHAPES, ClassifierConfig, ShapesClassifier, render_accuracy
 from sdlearn.train import train
 
 MAX_NOISE = 0.06  # largest std of the pixel noise added in training ([-1, 1] scale)
@@ -37,7 +38,7 @@ MAX_NOISE = 0.06  # largest std of the pixel noise added in training ([-1, 1] sc
 
 def render_pool(n: int, seed: int, size: int) -> tuple:
     """n renders as uint8 pixels (n, size, size, 3) (a quarter of the memory of floats) and labels {head: (n,)}."""
-    dataset = Shapes(n, seed=seed, size=size, split="all", cache=False)
+    dataset = Shapes(n, seed=seed, size=size, split="all", cache=False, shapes=REFEREE_SHAPES)
     pixels = torch.from_numpy(np.stack([dataset.pixels(i) for i in range(n)]))
     labels = {name: dataset.labels[:, i].clone() for i, name in enumerate(HEADS)}
     return pixels, labels
@@ -73,7 +74,7 @@ OUTPUTS = ("config.json", "model.safetensors", "training.json")
 def main(argv=None) -> int:
     parser = ArgumentParser(prog="python -m sdlearn.recipes.classifier", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="output folder, e.g. data/shapes-classifier")
-    parser.add_argument("--steps", type=POSITIVE_INT, default=1500)
+    parser.add_argument("--steps", type=POSITIVE_INT, default=3000)
     parser.add_argument("--batch-size", type=int_range(2), default=64, help="images per step, half of each size (at least 2)")
     parser.add_argument("--lr", type=POSITIVE_FLOAT, default=2e-3)
     parser.add_argument("--train-images", type=POSITIVE_INT, default=8000, help="renders per size in the training pool")
