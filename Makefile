@@ -23,8 +23,9 @@ lab: $(STAMP)
 	$(PY) tools/learner_notebooks.py --out lab notebooks/*.ipynb
 	$(VENV)/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS) lab/00_welcome.ipynb
 
+# One worker per CPU core; a file (or a notebook) stays on one worker (conftest.py explains the threads).
 test: $(STAMP)
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n auto --dist loadfile
 
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest tests -m "not slow"
@@ -50,12 +51,12 @@ train-clip: $(INSTALL)
 	$(PY) -m sdlearn.recipes.clip train-tiny $(OUT) --steps $(STEPS) --batch-size 128 $(ARGS) $(if $(OVERWRITE),--overwrite)
 
 train-tiny-vae: OUT = data/tiny-vae
-train-tiny-vae: STEPS = 2000
+train-tiny-vae: STEPS = 3000
 train-tiny-vae: $(INSTALL)
 	$(PY) -m sdlearn.recipes.tiny_vae --out $(OUT) --steps $(STEPS) --threads 1 $(ARGS) $(if $(OVERWRITE),--overwrite)
 
 train-classifier: OUT = data/shapes-classifier
-train-classifier: STEPS = 1500
+train-classifier: STEPS = 3000
 train-classifier: SAMPLES = 500
 train-classifier: $(INSTALL)
 	$(PY) -m sdlearn.recipes.classifier --out $(OUT) --steps $(STEPS) --threads 1 $(ARGS) $(if $(OVERWRITE),--overwrite)

@@ -24,7 +24,7 @@ def test_every_requirement_is_pinned_exactly():
         assert re.fullmatch(r"[A-Za-z0-9_.\-]+==[0-9][A-Za-z0-9.+\-]*", line), f"not an exact pin: {line!r}"
     assert pins(lines)["torch"] == "2.13.0"
     required = {"torch", "numpy", "matplotlib", "pillow", "safetensors", "tqdm", "ipywidgets", "jupyterlab",
-                "ipykernel", "transformers", "diffusers", "tokenizers", "ftfy", "scikit-image", "pytest", "nbval"}
+                "ipykernel", "transformers", "diffusers", "tokenizers", "ftfy", "scikit-image", "pytest", "pytest-xdist", "nbval"}
     assert required <= set(pins(lines))
 
 
