@@ -258,6 +258,33 @@ def text_to_image_report(pipe, samplers=("ddim",), n: int = 200, n_heldout: int 
     return report
 
 
+def unknown_word_report(pipe, word: str = "star", n: int = 100, sampler: str = "ddim", steps: int = 25,
+                        guidance_scale: float = TEXT_TO_IMAGE_GUIDANCE, seed: int = 0, classifier=None,
+                        progress: bool = False) -> dict:
+    """What a model draws when asked for a shape it was never taught: n prompts naming all four
+    attributes with `word` as the shape ("a large red star in the top left"; the eight colours,
+    every size and place), read by the referee, which knows the star.
+
+    {"word", "n", "sampler", "read_as": {shape: fraction}, "drawn_rate": the fraction read as
+    `word`, "clean_drawn_rate": the fraction that is a clean shape read as `word`}. A model that
+    never saw the word should draw it about never (mini-SD draws one of the shapes it knows).
+    """
+    from sdlearn.referee import REFEREE_SHAPES
+
+    if word not in REFEREE_SHAPES:
+        raise ValueError(f"The referee cannot read {word!r}; it knows {', '.join(REFEREE_SHAPES)}.")
+    dataset = Shapes(n, seed=EVAL_PROMPT_SEED, split="all", shapes=(word,), captions="full")
+    images = generate(pipe, list(dataset.captions), sampler, steps, guidance_scale, seed=seed + 2000, progress=progress)
+    scores = clean_shape_scores(images, classifier)
+    read = [r["shape"] for r in scores.predictions.names()]
+    return {
+        "word": word, "n": n, "sampler": sampler,
+        "read_as": {shape: read.count(shape) / n for shape in REFEREE_SHAPES},
+        "drawn_rate": read.count(word) / n,
+        "clean_drawn_rate": sum(r == word and bool(c) for r, c in zip(read, scores.clean.tolist())) / n,
+    }
+
+
 @torch.no_grad()
 def inpainting_report(pipe, images, prompts: Sequence[str], masks, colours: Sequence[str], steps: int = 25,
                       guidance_scale: float = TEXT_TO_IMAGE_GUIDANCE, sampler: str = "ddim", seed: int = 0,
@@ -309,6 +336,12 @@ def format_text_to_image_report(report: Mapping, n: int, n_heldout: int, steps: 
     return "\n".join(lines)
 
 
+def format_unknown_word_report(row: Mapping) -> str:
+    read = ", ".join(f"{shape} {100 * rate:.0f}%" for shape, rate in row["read_as"].items())
+    return (f"asked for a {row['word']} ({row['n']} prompts, {row['sampler']}): drawn {100 * row['drawn_rate']:.1f}% "
+            f"of the time (a clean {row['word']}: {100 * row['clean_drawn_rate']:.1f}%); read as {read}")
+
+
 # ---------------------------------------------------------------------------------------
 # The command line
 # ---------------------------------------------------------------------------------------
@@ -345,7 +378,7 @@ def build_parser():
     p.add_argument("--classifier", default=None, help="classifier folder (default data/shapes-classifier)")
     p.add_argument("--samplers", nargs="+", default=["ddim"], choices=sampler_names, metavar="SAMPLER", help=f"sampler names (default: ddim; {', '.join(sampler_names)})")
     p.add_argument("--n", type=count, default=200, help="prompts of training pairs")
-    p.add_argument("--heldout", type=count, default=100, help="prompts of the held-out pairs")
+    p.add_argument("--heldout", type=count, default=100, help="prompts of the held-out pairs, and as many asking for a star (a word mini-SD was never taught)")
     p.add_argument("--steps", type=POSITIVE_INT, default=25)
     p.add_argument("--guidance", type=FINITE_FLOAT, default=None, help="guidance scale (default: the model's recorded choice, else 4)")
     p.add_argument("--seed", type=SEED, default=0)
@@ -434,10 +467,13 @@ def main(argv=None) -> int:
         report = text_to_image_report(pipe, args.samplers, args.n, args.heldout, args.steps, guidance, args.seed,
                                       classifier, progress=True)
         print(format_text_to_image_report(report, args.n, args.heldout, args.steps, guidance))
+        unknown = unknown_word_report(pipe, "star", args.heldout, args.samplers[0], args.steps, guidance, args.seed,
+                                      classifier, progress=True)
+        print(format_unknown_word_report(unknown))
         if args.json is not None:
             out = {"command": command, "n": args.n, "heldout": args.heldout, "steps": args.steps, "guidance_scale": guidance,
                    "seed": args.seed, "torch_threads": torch.get_num_threads(), "cpu": cpu_name(),
-                   "seconds": round(time.perf_counter() - began, 1), "samplers": report}
+                   "seconds": round(time.perf_counter() - began, 1), "samplers": report, "unknown_word": unknown}
             return save_report(parser.prog, args.json, out)
         return 0
     return 2

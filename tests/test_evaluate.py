@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -100,3 +101,32 @@ def test_text_to_image_command_without_guidance_uses_the_recorded_scale(tiny_tex
     (tiny_text_to_image / "training.json").unlink()
     assert ev.main(args) == 0
     assert "guidance 4)" in capsys.readouterr().out
+
+
+class RenderingPipe:
+    """Stands in for a text-to-image pipeline: draws each prompt's scene with `shape` instead of the asked one."""
+
+    def __init__(self, shape=None):
+        self.shape = shape
+
+    def text_to_image(self, prompts, steps, guidance_scale, sampler, seed, output_type, negative_prompt=None):
+        from sdlearn.datasets import parse_caption, render, to_model_range
+
+        images = []
+        for prompt in prompts:
+            attrs = parse_caption(prompt)
+            attrs["shape"] = self.shape or attrs["shape"]
+            images.append(np.asarray(render(**attrs)))
+        return to_model_range(np.stack(images))
+
+
+def test_unknown_word_report_counts_what_is_drawn_for_the_word():
+    from sdlearn.evaluate import format_unknown_word_report, unknown_word_report
+
+    obeys = unknown_word_report(RenderingPipe(), "star", n=12)
+    assert obeys["drawn_rate"] == 1.0 and obeys["clean_drawn_rate"] == 1.0 and obeys["read_as"]["star"] == 1.0
+    circles = unknown_word_report(RenderingPipe("circle"), "star", n=12)
+    assert circles["drawn_rate"] == 0.0 and circles["read_as"]["circle"] == 1.0
+    assert "drawn 0.0% of the time" in format_unknown_word_report(circles)
+    with pytest.raises(ValueError, match="cannot read 'hexagon'"):
+        unknown_word_report(RenderingPipe(), "hexagon", n=2)
