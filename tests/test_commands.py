@@ -132,8 +132,8 @@ def test_make_targets_default_to_the_shipped_runs():
     assert result.returncode == 0, result.stderr
     lines = result.stdout
     assert "sdlearn.recipes.clip train-tiny data/clip-shapes --steps 3000 --batch-size 128" in lines
-    assert "sdlearn.recipes.tiny_vae --out data/tiny-vae --steps 2000" in lines
-    assert "sdlearn.recipes.classifier --out data/shapes-classifier --steps 1500" in lines
+    assert "sdlearn.recipes.tiny_vae --out data/tiny-vae --steps 3000" in lines
+    assert "sdlearn.recipes.classifier --out data/shapes-classifier --steps 3000" in lines
     assert "sdlearn.evaluate classifier --classifier data/shapes-classifier --n 500 --json data/shapes-classifier/evaluation.json" in lines
     assert "sdlearn.recipes.ddpm --out data/ddpm-shapes --steps 4300" in lines
     assert "sdlearn.evaluate ddpm --model data/ddpm-shapes --samples 200" in lines

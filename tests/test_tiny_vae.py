@@ -7,6 +7,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 
+from sdlearn import referee
 from sdlearn.autoencoder import psnr
 from sdlearn.datasets import Shapes
 from sdlearn.recipes import tiny_vae
@@ -51,6 +52,34 @@ def test_shipped_decoder_keeps_the_shape_readable(shipped):
         assert row["all"] >= 0.9, (split, row)
     recorded = json.loads((SHIPPED / "training.json").read_text())["referee_on_reconstructions"]
     assert recorded["held_out"]["all"] >= 0.9
+
+
+def test_shipped_reconstructs_the_wider_world_at_30_db(shipped):
+    """Stars, diamonds, hexagons, rings, the extra colours and multi-shape scenes, none of which
+    mini-SD is taught, come back at >= 30 dB, as recorded (wider_world_psnr_db in training.json)."""
+    measured = tiny_vae.wider_world_psnr(shipped, n=200)
+    recorded = json.loads((SHIPPED / "training.json").read_text())
+    assert recorded["world"] == "wide" and measured == recorded["wider_world_psnr_db"]
+    assert set(measured) == {"star", "diamond", "hexagon", "ring", "new_colours", "scenes"}
+    assert min(measured.values()) >= 30.0, measured
+    # The referee reads a reconstructed star as a star (lesson 12 builds on that).
+    stars = Shapes(64, seed=9, split="all", shapes=("star",)).tensors()
+    read = referee.classify(tiny_vae.reconstruct(shipped, stars)).names()
+    assert sum(r["shape"] == "star" for r in read) >= 0.95 * len(read)
+
+
+def test_the_recipe_trains_on_half_shapes_half_scenes():
+    datasets = tiny_vae.training_data("wide", 32, seed=0)
+    assert [type(d).__name__ for d in datasets] == ["Shapes", "Scenes"]
+    batch = tiny_vae.ShapesBatches(datasets, 5, seed=0)(0)
+    shapes, scenes = ({x.numpy().tobytes() for x in d.tensors()} for d in datasets)
+    assert batch.shape == (5, 3, 64, 64)
+    assert [x.numpy().tobytes() in shapes for x in batch] == [True] * 3 + [False] * 2  # the first share takes the remainder
+    assert all(x.numpy().tobytes() in scenes for x in batch[3:])
+    assert torch.equal(batch, tiny_vae.ShapesBatches(datasets, 5, seed=0)(0))  # deterministic in (seed, step)
+    assert len(tiny_vae.training_data("shapes", 32, seed=0)) == 1
+    with pytest.raises(ValueError, match="world must be one of"):
+        tiny_vae.training_data("photos", 32, seed=0)
 
 
 def test_edges_mark_the_outline_and_the_loss_weights_it():
@@ -128,7 +157,7 @@ def test_recipe_resumes_an_interrupted_run(tmp_path, capsys):
     torch.manual_seed(0)
     model = AutoencoderKL.from_config(tiny_vae.recipe_config())
     tiny_vae.start_small_sigma(model, tiny_vae.LOGVAR_INIT)
-    data = tiny_vae.ShapesBatches(Shapes(16, seed=0, split="train"), 2, seed=0)
+    data = tiny_vae.ShapesBatches(tiny_vae.training_data("wide", 16, seed=0), 2, seed=0)
     train(model, tiny_vae.AutoencoderLoss(), data, steps=2, checkpoint=out / tiny_vae.STATE_NAME, progress=False)
     smoke = [a if a != "3" else "4" for a in SMOKE]  # --steps 4
     assert tiny_vae.main(["--out", str(out), "--resume", *smoke]) == 0
