@@ -26,6 +26,13 @@ extent is r = 0.22 c (small) or 0.40 c (large), so its bounding box is 2r wide; 
 moves its centre by at most c/2 - r - 0.5 px, which keeps the whole shape inside its cell.
 Shapes are drawn at 4x resolution and box-filtered down (antialiasing).
 
+The wider world. The renderer also draws EXTRA_SHAPES (star, diamond, hexagon, ring) and
+EXTRA_COLOURS (six more); `Shapes(..., colours=, shapes=)` draws from any of them and
+`Scenes` puts one to three shapes of the whole world in one image. The default dataset, and
+so every caption mini-SD is trained on, uses only the names above. The tiny autoencoder is
+trained on the wider world (as SD's VAE saw far more than any model built on it), and the
+referee knows the star, the concept lesson 12 teaches.
+
 Determinism. Item i of `Shapes(n, seed, split=...)` is drawn from its own random generator
 seeded with (seed, split, i), never from global state, so it is bit-identical across runs
 and processes, and the same whatever n is: Shapes(100)[i] == Shapes(10_000)[i].
@@ -156,6 +163,7 @@ def _outline(shape: str, cx: float, cy: float, r: float) -> list:
 
     The circle and the ring are drawn as ellipses by _draw_objects, not here.
     """
+    polygon_shapes = [name for name in ALL_SHAPES if name not in ("circle", "ring")]
     if shape == "square":
         h = 0.82 * r  # a little inside the box, so a square looks as big as a circle of radius r
         return [[(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]]
@@ -181,7 +189,7 @@ def _outline(shape: str, cx: float, cy: float, r: float) -> list:
         return [[(cx, cy - r), (cx + w, cy), (cx, cy + r), (cx - w, cy)]]
     if shape == "hexagon":
         return [_regular_points(6, cx, cy, r, 0.0)]  # flat top and bottom
-    raise ValueError(f"Unknown shape {shape!r}. Valid shapes: {', '.join(ALL_SHAPES)}.")
+    raise ValueError(f"No polygon for shape {shape!r}; polygons exist for {', '.join(polygon_shapes)}.")
 
 
 def _draw_objects(objects, size_px: int, antialias: bool) -> np.ndarray:
@@ -342,19 +350,29 @@ def parse_caption(caption: str) -> dict:
 
 
 def split_pairs(split: str, colours: tuple = COLOUR_NAMES, shapes: tuple = SHAPES) -> tuple:
-    """The (colour, shape) pairs a split draws from: 28 for train, the 4 HELD_OUT for test, 32 for all.
+    """The (colour, shape) pairs a split draws from: by default 28 for train, the 4 HELD_OUT for
+    test, 32 for all.
 
-    With wider `colours` / `shapes` (names from ALL_COLOURS / ALL_SHAPES) the train split is
-    every pair but HELD_OUT and the test split stays HELD_OUT.
+    With other `colours` / `shapes` (names from ALL_COLOURS / ALL_SHAPES) the pairs are their
+    combinations: train leaves out every HELD_OUT pair, test keeps only the HELD_OUT pairs among
+    them. A split with no pair left is an error.
     """
     _index("split", split, SPLITS)
     colours, shapes = _names("colour", colours, ALL_COLOUR_NAMES), _names("shape", shapes, ALL_SHAPES)
     pairs = [(c, s) for c in colours for s in shapes]
     if split == "train":
-        return tuple(p for p in pairs if p not in HELD_OUT)
-    if split == "test":
-        return HELD_OUT
-    return tuple(pairs)
+        chosen = tuple(p for p in pairs if p not in HELD_OUT)
+    elif split == "test":
+        chosen = tuple(p for p in HELD_OUT if p in pairs)  # HELD_OUT's order: the default test split is unchanged
+    else:
+        chosen = tuple(pairs)
+    if not chosen:
+        raise ValueError(
+            f"The {split!r} split of colours {colours} and shapes {shapes} has no (colour, shape) pair to draw: "
+            f"the test split holds only the HELD_OUT pairs {HELD_OUT}, the train split every other pair. "
+            "Choose other colours/shapes or split='all'."
+        )
+    return chosen
 
 
 def _names(kind: str, names, options: tuple) -> tuple:

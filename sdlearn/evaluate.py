@@ -27,7 +27,9 @@ Command line:
                                                      shape and size of attribute_set(); the JSON
                                                      adds its unconditional DDIM-50 rate)
     python -m sdlearn.evaluate text-to-image [--model data/mini-sd] [--n 200] [--heldout 100]
-                                                     faithfulness per sampler, training and held-out pairs
+                                                     faithfulness per sampler, training and held-out pairs;
+                                                     and what it draws when asked for a star, a word
+                                                     it was never taught (`unknown_word`)
 
 Without --guidance, ddpm and text-to-image use the scale the model's training.json records
 (`recommended_guidance`), else 1 (DDPM) or TEXT_TO_IMAGE_GUIDANCE (4).
@@ -269,8 +271,6 @@ def unknown_word_report(pipe, word: str = "star", n: int = 100, sampler: str = "
     `word`, "clean_drawn_rate": the fraction that is a clean shape read as `word`}. A model that
     never saw the word should draw it about never (mini-SD draws one of the shapes it knows).
     """
-    from sdlearn.referee import REFEREE_SHAPES
-
     if word not in REFEREE_SHAPES:
         raise ValueError(f"The referee cannot read {word!r}; it knows {', '.join(REFEREE_SHAPES)}.")
     dataset = Shapes(n, seed=EVAL_PROMPT_SEED, split="all", shapes=(word,), captions="full")

@@ -156,7 +156,16 @@ def load_classifier(folder=None, device=None) -> ShapesClassifier:
             f"No trained shapes classifier in {folder}. Train it with `make {MAKE_TARGET}` "
             f"(python -m sdlearn.recipes.classifier --out {folder})."
         )
-    return ShapesClassifier.from_pretrained(folder, device=device).eval()
+    try:
+        return ShapesClassifier.from_pretrained(folder, device=device).eval()
+    except ValueError as exc:
+        if "heads.shape" in str(exc):  # a referee trained before it knew the star: 4 shape classes
+            raise ValueError(
+                f"The classifier in {folder} reads {len(SHAPES)} shapes; this referee reads {len(REFEREE_SHAPES)} "
+                f"({', '.join(REFEREE_SHAPES)}). It was trained before the referee learnt the star: retrain it with "
+                f"`make {MAKE_TARGET}` (python -m sdlearn.recipes.classifier --out {folder} --overwrite)."
+            ) from exc
+        raise
 
 
 @functools.lru_cache(maxsize=1)

@@ -123,6 +123,8 @@ def test_make_caption_full_form():
         (lambda: Shapes(4, shapes=("circle", "circle")), "repeated"),
         (lambda: Shapes(4, colours="red"), "non-empty sequence"),
         (lambda: Scenes(4, max_objects=10), "1..9"),
+        (lambda: Shapes(4, split="train", colours=("red",), shapes=("triangle",)), "no (colour, shape) pair"),
+        (lambda: Shapes(4, split="test", shapes=("star",)), "no (colour, shape) pair"),
         (lambda: render("red", "circle", "medium", "center"), "'small'"),
         (lambda: render("red", "circle", "small", "middle"), "'top left'"),
         (lambda: Shapes(4, size=16), "at least 24"),
@@ -216,6 +218,8 @@ def test_wider_shapes_datasets_draw_only_the_names_asked_for():
     item = extra[0]
     rgb = ALL_COLOURS[extra.attributes(0)["colour"]]
     assert (extra.pixels(0).reshape(-1, 3) == rgb).all(axis=1).any() and item["image"].shape == (3, 64, 64)
+    held = Shapes(40, seed=1, split="test", shapes=("triangle", "star"))  # only the HELD_OUT pairs among those asked
+    assert {(held.attributes(i)["colour"], held.attributes(i)["shape"]) for i in range(40)} == {("red", "triangle")}
     train = Shapes(400, seed=2, split="train", shapes=ALL_SHAPES)
     pairs = {(train.attributes(i)["colour"], train.attributes(i)["shape"]) for i in range(400)}
     assert not pairs & set(HELD_OUT)

@@ -311,3 +311,11 @@ def test_the_referee_knows_the_star_and_does_not_call_other_shapes_stars(classif
     assert sum(r is not None and r["shape"] == "star" for r in rendered) >= 0.95 * len(rendered)
     others = Shapes(80, seed=78, size=size_px, split="all")  # the four default shapes only
     assert not any(r["shape"] == "star" for r in referee.classify(others.tensors(), classifier).names())
+
+
+def test_a_referee_trained_before_the_star_gets_a_clear_message(tmp_path):
+    old = referee.ShapesClassifier(referee.ClassifierConfig())
+    old.heads["shape"] = torch.nn.Linear(old.config.hidden, 4)  # the four shapes of the first referee
+    old.save_pretrained(tmp_path / "old")
+    with pytest.raises(ValueError, match="trained before the referee learnt the star: retrain it with `make train-classifier`"):
+        referee.load_classifier(tmp_path / "old")

@@ -59,8 +59,10 @@ def test_shipped_reconstructs_the_wider_world_at_30_db(shipped):
     mini-SD is taught, come back at >= 30 dB, as recorded (wider_world_psnr_db in training.json)."""
     measured = tiny_vae.wider_world_psnr(shipped, n=200)
     recorded = json.loads((SHIPPED / "training.json").read_text())
-    assert recorded["world"] == "wide" and measured == recorded["wider_world_psnr_db"]
+    assert recorded["world"] == "wide" and set(measured) == set(recorded["wider_world_psnr_db"])
     assert set(measured) == {"star", "diamond", "hexagon", "ring", "new_colours", "scenes"}
+    for name, value in measured.items():  # the numbers in training.json are the ones measured here
+        assert abs(value - recorded["wider_world_psnr_db"][name]) < 0.05, name
     assert min(measured.values()) >= 30.0, measured
     # The referee reads a reconstructed star as a star (lesson 12 builds on that).
     stars = Shapes(64, seed=9, split="all", shapes=("star",)).tensors()

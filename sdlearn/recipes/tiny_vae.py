@@ -260,6 +260,8 @@ def check_settings(**settings) -> None:
     value = settings["logvar_init"]
     if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value)):
         raise ValueError(f"logvar_init must be a finite number or None, got {value!r}.")
+    if settings["world"] == "wide" and settings["batch_size"] < 2:
+        raise ValueError("batch_size must be at least 2 with world 'wide': half of each batch is shapes, half scenes.")
     if settings["batch_size"] > settings["train_images"]:
         raise ValueError(f"batch_size {settings['batch_size']} is larger than train_images {settings['train_images']}.")
 
