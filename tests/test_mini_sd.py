@@ -87,7 +87,8 @@ def test_guidance_makes_it_follow_the_prompt(pipe):
     prompts, requested = evaluate.prompt_set(32, "train", seed=evaluate.EVAL_PROMPT_SEED + 8)
     unguided = evaluate.faithfulness(evaluate.generate(pipe, prompts, "ddim", 20, 1.0, seed=12), requested)
     guided = evaluate.faithfulness(evaluate.generate(pipe, prompts, "ddim", 20, 4.0, seed=12), requested)
-    assert guided["colour"]["accuracy"] > unguided["colour"]["accuracy"]
+    # Unguided, this model already gets most single attributes right; all four at once is where guidance shows.
+    assert guided["all"]["accuracy"] > unguided["all"]["accuracy"] and guided["all"]["accuracy"] >= 0.95
 
 
 def test_bad_inputs_say_what_to_do(pipe):
