@@ -204,7 +204,11 @@ def unmerge_lora(unet: nn.Module) -> None:
 
 
 def remove_lora(unet: nn.Module, merge: bool = False) -> None:
-    """Put the plain nn.Linear layers back (merging the update into W first if merge=True)."""
+    """Put the plain nn.Linear layers back (merging the update into W first if merge=True).
+
+    The base weights stay frozen (requires_grad=False) as add_lora left them; call
+    unet.requires_grad_(True) to train the whole UNet again.
+    """
     for path, layer in _layers_or_error(unet).items():
         if merge:
             layer.merge()
