@@ -52,6 +52,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from sdlearn.models.files import write_file  # atomic: a failed save keeps an older file whole
+
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
@@ -226,8 +228,12 @@ def _check_finite(state: dict[str, torch.Tensor], path) -> None:
             raise LoRAError(f"{key} in {path} holds NaN or infinite values; the LoRA is broken, retrain it or use another file.")
 
 
-def save_lora(unet: nn.Module, folder, format: str = "diffusers", weight_name: str = WEIGHT_NAME) -> Path:
+def save_lora(unet: nn.Module, folder, format: str = "diffusers", weight_name: str = WEIGHT_NAME,
+              overwrite: bool = False) -> Path:
     """Write the LoRA layers of `unet` to folder/weight_name in diffusers' or kohya's format.
+
+    The file is written atomically (a failed save keeps an older file whole), and an existing
+    file is refused unless overwrite=True.
 
     diffusers: `unet.<path>.lora_A.weight`, `unet.<path>.lora_B.weight`; r and alpha in the
     `lora_adapter_metadata` JSON (peft LoraConfig fields, prefixed `unet.`).
@@ -259,9 +265,12 @@ def save_lora(unet: nn.Module, folder, format: str = "diffusers", weight_name: s
     else:
         raise LoRAError(f"Unknown LoRA file format {format!r}; use 'diffusers' or 'kohya'.")
     folder = Path(folder)
+    path = folder / weight_name
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it, or choose another folder.")
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(state, folder / weight_name, metadata=metadata)
-    return folder / weight_name
+    write_file(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+    return path
 
 
 def _read(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -325,3 +325,16 @@ def test_calls_in_the_wrong_order(folder):
 def test_data_folder_is_untouched(folder):
     # the diffusers pipelines above were loaded read-only: no LoRA file was written into data/
     assert not list(folder.rglob("*lora*"))
+
+
+def test_saving_never_replaces_a_file_silently(folder, tmp_path, good_file):
+    before = good_file.read_bytes()
+    unet = sd_unet(folder)
+    add_lora(unet, rank=RANK, alpha=ALPHA)
+    randomise_lora(unet, seed=2)  # other numbers than the file's
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save_lora(unet, good_file.parent)
+    assert good_file.read_bytes() == before  # untouched
+    save_lora(unet, good_file.parent, overwrite=True)
+    assert good_file.read_bytes() != before
+    assert [p.name for p in good_file.parent.iterdir()] == [good_file.name]  # no temporary left behind
