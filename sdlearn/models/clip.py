@@ -265,6 +265,10 @@ class CLIPTokenizer:
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
         self._cache = {}  # piece -> BPE tokens; prompts repeat words a lot
+        # Whole words added after training (textual inversion): token -> the tokens it stands
+        # for ("<star>" -> ("<star>", "<star>_1") for a 2-vector concept). Matched in the raw
+        # text like the special tokens; sdlearn.textual_inversion.add_tokens fills it.
+        self.added_tokens = {}
 
     # -- ids of the special tokens --------------------------------------------------------
     @property
@@ -289,7 +293,7 @@ class CLIPTokenizer:
     # -- text -> tokens -> ids ------------------------------------------------------------
     @property
     def special_tokens(self) -> tuple:
-        return tuple(dict.fromkeys((self.bos_token, self.eos_token, self.pad_token, self.unk_token)))
+        return tuple(dict.fromkeys((self.bos_token, self.eos_token, self.pad_token, self.unk_token, *self.added_tokens)))
 
     def _split_special(self, text: str) -> list:
         """Split raw text at literal special tokens, longest first, as transformers does."""
@@ -310,7 +314,7 @@ class CLIPTokenizer:
         tokens = []
         for part in parts:
             if part in specials:
-                tokens.append(part)
+                tokens.extend(self.added_tokens.get(part, (part,)))
                 continue
             for piece in pattern.findall(clean_text(part, self.text_cleaning)):
                 if piece in specials:
