@@ -103,7 +103,7 @@ def test_a1111_safetensors_read_by_diffusers(folder, tmp_path):
     tok, te = sd_text(folder)
     randomise(te, add_tokens(tok, te, "<star>", num_vectors=2), seed=3)
     path = save_embedding(tok, te, "<star>", tmp_path / "star.safetensors", format="a1111")
-    assert list(load_file(path)) == ["emb_params"]
+    assert list(load_file(path)) == ["emb_params"] and load_file(path)["emb_params"].shape == (2, 64)
     assert_parity(sdlearn_encode(tok, te, PROMPT), diffusers_encode(folder, path, PROMPT, token="<star>"))
 
 
@@ -127,6 +127,8 @@ def test_a1111_pt_read_by_sdlearn(folder, tmp_path):
     ids = load_embedding(path, tok, te)
     assert tok.tokenize("a shapex")[1:] == ["shapex", "shapex_1"]
     assert torch.equal(te.text_model.embeddings.token_embedding.weight[ids].detach(), vectors)
+    prompt = "a shapex on the left"
+    assert_parity(sdlearn_encode(tok, te, prompt), diffusers_encode(folder, path, prompt))
     assert load_embedding(path, tok, te, token="<other>") == [ids[-1] + 1, ids[-1] + 2]
 
 
