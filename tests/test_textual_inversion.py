@@ -232,3 +232,11 @@ def test_pickle_needing_more_than_weights_is_refused(folder, tmp_path):
     other.write_bytes(b"")
     with pytest.raises(TextualInversionError, match="is not a .safetensors, .pt or .bin file"):
         load_embedding(other, tok, te)
+
+
+def test_tokenizer_with_added_tokens_refuses_to_save(folder, tmp_path):
+    tok, te = sd_text(folder)
+    add_tokens(tok, te, "<star>")
+    with pytest.raises(ValueError, match="has added tokens .* save the embedding with sdlearn.textual_inversion.save_embedding"):
+        tok.save_pretrained(tmp_path / "tokenizer")
+    assert not (tmp_path / "tokenizer" / "vocab.json").exists()

@@ -415,6 +415,9 @@ class CLIPTokenizer:
 
     def write_files(self, folder) -> None:
         """Write the tokenizer files into `folder` directly (save_pretrained calls this on a temporary folder)."""
+        if self.added_tokens:  # vocab.json + merges.txt cannot hold them: from_pretrained would refuse the folder
+            raise ValueError(f"This tokenizer has added tokens {sorted(self.added_tokens)[:3]} that its files cannot hold yet; "
+                             "save the embedding with sdlearn.textual_inversion.save_embedding and load it into the original tokenizer.")
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         vocab = dict(sorted(self.encoder.items(), key=lambda item: item[1]))
