@@ -389,6 +389,25 @@ def _names(kind: str, names, options: tuple) -> tuple:
     return names
 
 
+def _check_count_and_seed(n, seed) -> None:
+    """A dataset's n and seed: ValueError unless n >= 1 and seed >= 0 are integers."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n (the number of images) must be a positive integer, got {n!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
+
+
+def _check_item(i, n: int) -> int:
+    """Item i of a dataset of n images as an index in [0, n) (negative counts from the end); clear errors otherwise."""
+    if isinstance(i, torch.Tensor) and i.numel() == 1:
+        i = int(i)
+    if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+        raise TypeError(f"Index with an integer, got {type(i).__name__}. Use tensors() for the whole set.")
+    if not -n <= i < n:
+        raise IndexError(f"Index {i} is out of range for a dataset of {n} images.")
+    return int(i) % n
+
+
 def to_model_range(pixels: np.ndarray) -> torch.Tensor:
     """uint8 pixels (..., H, W, 3) -> float tensor (..., 3, H, W) in [-1, 1], the range the models see."""
     pixels = np.ascontiguousarray(pixels)
@@ -429,10 +448,7 @@ class Shapes(Dataset):
         colours: tuple = COLOUR_NAMES,
         shapes: tuple = SHAPES,
     ):
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise ValueError(f"n (the number of images) must be a positive integer, got {n!r}.")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
+        _check_count_and_seed(n, seed)
         self.split_index = _index("split", split, SPLITS)
         _index("captions mode", captions, CAPTION_MODES)
         if not 0.0 <= drop_prob <= 1.0:
@@ -442,8 +458,8 @@ class Shapes(Dataset):
         self.antialias, self.cache = antialias, cache
 
         # Draw every item's attributes now (cheap); render pixels on demand.
-        pairs = split_pairs(split, colours, shapes)
         self.colours, self.shapes = _names("colour", colours, ALL_COLOUR_NAMES), _names("shape", shapes, ALL_SHAPES)
+        pairs = split_pairs(split, self.colours, self.shapes)
         labels = np.empty((self.n, 4), dtype=np.int64)  # colour, shape, size, position
         self.jitter = np.empty((self.n, 2), dtype=np.float64)  # in [-1, 1], times max_jitter
         self.captions = []
@@ -466,13 +482,7 @@ class Shapes(Dataset):
         return self.n
 
     def _check_index(self, i) -> int:
-        if isinstance(i, torch.Tensor) and i.numel() == 1:
-            i = int(i)
-        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
-            raise TypeError(f"Index with an integer, got {type(i).__name__}. Use tensors() for the whole set.")
-        if not -self.n <= i < self.n:
-            raise IndexError(f"Index {i} is out of range for a dataset of {self.n} images.")
-        return int(i) % self.n
+        return _check_item(i, self.n)
 
     def pixels(self, i: int) -> np.ndarray:
         """Item i as (size, size, 3) uint8 RGB."""
@@ -537,10 +547,7 @@ class Scenes(Dataset):
     """
 
     def __init__(self, n: int, seed: int = 0, size: int = 64, max_objects: int = 3, antialias: bool = True, cache: bool = True):
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise ValueError(f"n (the number of images) must be a positive integer, got {n!r}.")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
+        _check_count_and_seed(n, seed)
         if isinstance(max_objects, bool) or not isinstance(max_objects, (int, np.integer)) or not 1 <= max_objects <= len(POSITIONS):
             raise ValueError(f"max_objects must be a whole number in 1..{len(POSITIONS)} (one per grid cell), got {max_objects!r}.")
         self.n, self.seed, self.size, self.max_objects = int(n), int(seed), _check_size(size), int(max_objects)
@@ -566,12 +573,12 @@ class Scenes(Dataset):
         """The shapes of item i by name: [{"colour": ..., "shape": ..., "size": ..., "position": ...}]."""
         return [
             {"colour": ALL_COLOUR_NAMES[c], "shape": ALL_SHAPES[s], "size": SIZES[z], "position": POSITIONS[p]}
-            for c, s, z, p, _ in self._objects[Shapes._check_index(self, i)]
+            for c, s, z, p, _ in self._objects[_check_item(i, self.n)]
         ]
 
     def pixels(self, i: int) -> np.ndarray:
         """Item i as (size, size, 3) uint8 RGB."""
-        i = Shapes._check_index(self, i)
+        i = _check_item(i, self.n)
         if i in self._pixels:
             return self._pixels[i]
         out = _draw_objects(self._objects[i], self.size, self.antialias)

@@ -192,14 +192,19 @@ def heldout_psnr(model: AutoencoderKL, n: int = 200) -> float:
     return psnr(reconstruct(model, images), images).item()
 
 
+def wider_world(n: int = 200, seed: int = 2000) -> dict:
+    """What mini-SD is never taught, n fresh renders each: every extra shape (in the eight
+    default colours), the extra colours (on the four default shapes), and multi-shape scenes."""
+    worlds = {shape: Shapes(n, seed=seed, split="all", shapes=(shape,)) for shape in EXTRA_SHAPES}
+    worlds["new_colours"] = Shapes(n, seed=seed, split="all", colours=tuple(EXTRA_COLOURS), shapes=SHAPES)
+    worlds["scenes"] = Scenes(n, seed=seed)
+    return worlds
+
+
 def wider_world_psnr(model: AutoencoderKL, n: int = 200) -> dict:
-    """Mean PSNR (dB) on fresh renders of what mini-SD is never taught: each extra shape (in the
-    eight default colours), the extra colours (on the four default shapes), and multi-shape scenes."""
-    worlds = {shape: Shapes(n, seed=2000, split="all", shapes=(shape,)) for shape in EXTRA_SHAPES}
-    worlds["new_colours"] = Shapes(n, seed=2000, split="all", colours=tuple(EXTRA_COLOURS), shapes=SHAPES)
-    worlds["scenes"] = Scenes(n, seed=2000)
+    """Mean PSNR (dB) of reconstructions of wider_world(n): {name: dB}."""
     scores = {}
-    for name, dataset in worlds.items():
+    for name, dataset in wider_world(n).items():
         images = dataset.tensors()
         scores[name] = round(psnr(reconstruct(model, images), images).item(), 2)
     return scores
