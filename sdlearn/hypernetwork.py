@@ -362,6 +362,9 @@ def save_hypernetwork(unet_or_hypernetwork: nn.Module, path, overwrite: bool = F
 def _read(path: Path) -> dict:
     if not path.is_file():
         raise HypernetworkError(f"There is no hypernetwork file at {path}; pass an A1111 hypernetwork .pt file.")
+    if path.suffix == ".safetensors":
+        raise HypernetworkError(f"{path} is a .safetensors file, but A1111 hypernetworks are .pt files; "
+                                "a .safetensors adapter is usually a LoRA or a textual-inversion embedding.")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -286,6 +286,9 @@ def test_pickles_that_run_code_are_refused(folder, tmp_path):
         load_hypernetwork(sd_unet(folder), tmp_path / "evil.pt")
     with pytest.raises(HypernetworkError, match="no hypernetwork file"):
         load_hypernetwork(sd_unet(folder), tmp_path / "missing.pt")
+    (tmp_path / "lora.safetensors").write_bytes(b"")
+    with pytest.raises(HypernetworkError, match="usually a LoRA"):
+        load_hypernetwork(sd_unet(folder), tmp_path / "lora.safetensors")
     (tmp_path / "text.pt").write_text("hello")
     with pytest.raises(HypernetworkError, match="not a readable torch file"):
         load_hypernetwork(sd_unet(folder), tmp_path / "text.pt")
