@@ -3,6 +3,15 @@
     sdlearn generate "a large red circle in the top left" --steps 25 --seed 0 --out circle.png
     sdlearn generate "a cat" --model path/to/stable-diffusion-v1-5 --sampler euler --guidance 7.5 \\
         --negative "blurry" --height 512 --width 512 --device cuda --out cat.png
+    sdlearn generate "a <star> in the top left" --lora my-lora/ --lora-scale 0.8 \\
+        --embedding star.safetensors --hypernetwork shapes.pt --strength 0.5 --out star.png
+
+Adapters (lesson 12) are read before sampling, each checked against the model:
+`--lora` a diffusers/peft or kohya .safetensors file, or a folder holding
+pytorch_lora_weights.safetensors (sdlearn.lora), scaled by `--lora-scale`; `--embedding` a
+textual-inversion file (diffusers learned_embeds.safetensors, A1111 .safetensors or .pt;
+repeatable), whose word the prompt can then use (sdlearn.textual_inversion); `--hypernetwork`
+an A1111 hypernetwork .pt at `--strength` (sdlearn.hypernetwork).
 
 `--model` takes a diffusers-format pipeline folder, a single-file checkpoint (.safetensors,
 or a tensors-only .ckpt) or a hub id (see sdlearn.pipeline.loading), and defaults to
@@ -162,6 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     gen.add_argument("--allow-large", action="store_true", help=f"allow sides over {MAX_SIDE_FACTOR}x the model's training size")
     gen.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    adapters = gen.add_argument_group("adapters", "personalisation files applied to the model before sampling (lesson 12)")
+    adapters.add_argument("--lora", type=Path, default=None, metavar="PATH",
+                          help="a LoRA: diffusers/peft or kohya .safetensors, or a folder holding pytorch_lora_weights.safetensors")
+    adapters.add_argument("--lora-scale", type=FINITE_FLOAT, default=None, metavar="S",
+                          help="the LoRA's scale (default 1; 0 = the plain model)")
+    adapters.add_argument("--embedding", type=Path, action="append", default=None, metavar="PATH",
+                          help="a textual-inversion embedding (.safetensors or A1111 .pt); repeat for several")
+    adapters.add_argument("--hypernetwork", type=Path, default=None, metavar="PATH", help="an A1111 hypernetwork .pt file")
+    adapters.add_argument("--strength", type=FINITE_FLOAT, default=None, metavar="S",
+                          help="the hypernetwork's strength (default 1; 0 = the plain model)")
     return parser
 
 
@@ -220,8 +239,59 @@ def check_size(args, trained: int) -> None:
             )
 
 
+def check_adapters(args) -> None:
+    """Refuse a scale without its adapter, and adapter paths that do not exist (before loading the model)."""
+    if args.lora_scale is not None and args.lora is None:
+        raise CLIError("--lora-scale needs --lora PATH (the LoRA it scales).")
+    if args.strength is not None and args.hypernetwork is None:
+        raise CLIError("--strength needs --hypernetwork PATH (the hypernetwork it scales).")
+    for flag, paths in (("--lora", [args.lora]), ("--embedding", args.embedding or []), ("--hypernetwork", [args.hypernetwork])):
+        for path in paths:
+            if path is not None and not path.exists():
+                raise CLIError(f"{flag} {path}: there is no such file or folder; check the path.")
+
+
+def apply_adapters(pipe, args) -> list[str]:
+    """Load --lora, --embedding and --hypernetwork into the pipeline; return lines saying what was loaded.
+
+    An adapter's error (it does not fit this model, its file is damaged) is reported with its flag.
+    """
+    from safetensors import SafetensorError
+
+    from sdlearn.hypernetwork import load_hypernetwork
+    from sdlearn.lora import load_lora
+    from sdlearn.textual_inversion import load_embedding
+
+    notes, what = [], {"--lora": "a LoRA", "--embedding": "a textual-inversion embedding", "--hypernetwork": "an A1111 hypernetwork"}
+    try:
+        flag = "--lora"
+        if args.lora is not None:
+            scale = 1.0 if args.lora_scale is None else args.lora_scale
+            load_lora(pipe.unet, args.lora, scale=scale)
+            notes.append(f"LoRA {args.lora} at scale {scale:g}")
+        flag = "--embedding"
+        for path in args.embedding or []:
+            ids = load_embedding(path, pipe.tokenizer, pipe.text_encoder)
+            word = pipe.tokenizer.decoder[ids[0]]
+            notes.append(f"embedding {path}: the prompt can now use {word}" + (f" ({len(ids)} vectors)" if len(ids) > 1 else ""))
+        flag = "--hypernetwork"
+        if args.hypernetwork is not None:
+            strength = 1.0 if args.strength is None else args.strength
+            load_hypernetwork(pipe.unet, args.hypernetwork, strength=strength)
+            notes.append(f"hypernetwork {args.hypernetwork} at strength {strength:g}")
+    except ValueError as exc:  # LoRAError, TextualInversionError, HypernetworkError
+        raise CLIError(f"{flag}: {exc}") from None
+    except SafetensorError as exc:  # a damaged or truncated .safetensors file
+        raise CLIError(f"{flag}: the file is not a readable .safetensors file ({exc}); check that it downloaded completely.") from None
+    except (TypeError, KeyError, AttributeError) as exc:  # a file of another kind that the reader did not expect
+        raise CLIError(f"{flag}: the file could not be read as {what[flag]} ({type(exc).__name__}: {exc}); "
+                       "check that it is the right kind of file.") from None
+    return notes
+
+
 def generate(args) -> int:
     check_out(args.out, args.overwrite)
+    check_adapters(args)
     writable_file(args.out, "--out")
     model = resolve_model(args.model)
 
@@ -234,6 +304,10 @@ def generate(args) -> int:
     start = time.perf_counter()
     pipe = load_pipeline(model, device=device)
     check_size(args, pipe.default_size)
+    notes = apply_adapters(pipe, args)
+    if not args.quiet:
+        for note in notes:
+            print(note)
     image = pipe.text_to_image(
         args.prompt,
         negative_prompt=args.negative,

@@ -142,3 +142,114 @@ def test_python_dash_m_sdlearn(model, tmp_path):
     assert np.array_equal(pixels(out), np.asarray(want))
     usage = subprocess.run([sys.executable, "-m", "sdlearn"], capture_output=True, text=True, env=env, timeout=120)
     assert usage.returncode == 2 and "generate" in usage.stderr
+
+
+# Adapters: --lora, --embedding, --hypernetwork on the shipped mini-SD ------------------------
+
+
+@pytest.fixture(scope="module")
+def mini_sd():
+    from sdlearn.datasets import data_path
+
+    return data_path("mini-sd", "train-mini-sd")
+
+
+@pytest.fixture(scope="module")
+def adapters(mini_sd, tmp_path_factory):
+    """Small random adapters for mini-SD, written the way their tools write them."""
+    from safetensors.torch import save_file
+
+    from sdlearn.hypernetwork import add_hypernetwork, hypernetwork_of, save_hypernetwork
+    from sdlearn.lora import add_lora, lora_layers, save_lora
+
+    folder = tmp_path_factory.mktemp("adapters")
+    g = torch.Generator().manual_seed(0)
+    unet = UNet.from_pretrained(mini_sd / "unet")
+    add_lora(unet, rank=4)
+    with torch.no_grad():
+        for layer in lora_layers(unet).values():
+            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) * 0.3)
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.3)
+    save_lora(unet, folder / "lora")
+    unet = UNet.from_pretrained(mini_sd / "unet")
+    add_hypernetwork(unet, activation="relu")
+    with torch.no_grad():
+        for p in hypernetwork_of(unet).parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    save_hypernetwork(unet, folder / "shapes.pt")
+    save_file({"<star>": torch.randn(2, 64, generator=g)}, folder / "learned_embeds.safetensors")  # diffusers, 2 vectors
+    torch.save({"string_to_param": {"*": torch.randn(1, 64, generator=g)}, "name": "<blob>"}, folder / "blob.pt")  # A1111
+    return folder
+
+
+def generate_mini(mini_sd, out, *extra, prompt=PROMPT):
+    return main(["generate", prompt, "--model", str(mini_sd), "--steps", "2", "--seed", "1", "--out", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def plain(mini_sd, tmp_path_factory):
+    out = tmp_path_factory.mktemp("plain") / "plain.png"
+    assert generate_mini(mini_sd, out, "--quiet") == 0
+    return pixels(out)
+
+
+def test_lora_changes_the_image_and_scale_zero_is_the_plain_model(mini_sd, adapters, plain, tmp_path, capsys):
+    from sdlearn.lora import load_lora
+
+    assert generate_mini(mini_sd, tmp_path / "lora.png", "--lora", str(adapters / "lora"), "--lora-scale", "0.8") == 0
+    assert "LoRA" in capsys.readouterr().out
+    image = pixels(tmp_path / "lora.png")
+    assert np.abs(image.astype(int) - plain).max() > 10
+    pipe = load_pipeline(mini_sd)
+    load_lora(pipe.unet, adapters / "lora" / "pytorch_lora_weights.safetensors", scale=0.8)
+    assert np.array_equal(image, np.asarray(pipe.text_to_image(PROMPT, steps=2, seed=1)[0]))
+    assert generate_mini(mini_sd, tmp_path / "zero.png", "--lora", str(adapters / "lora"), "--lora-scale", "0", "--quiet") == 0
+    assert np.array_equal(pixels(tmp_path / "zero.png"), plain)
+
+
+def test_embeddings_add_words_the_prompt_can_use(mini_sd, adapters, plain, tmp_path, capsys):
+    from sdlearn.textual_inversion import load_embedding
+
+    prompt = "a large <star> <blob> in the top left"
+    args = ["--embedding", str(adapters / "learned_embeds.safetensors"), "--embedding", str(adapters / "blob.pt")]
+    assert generate_mini(mini_sd, tmp_path / "star.png", *args, prompt=prompt) == 0
+    out = capsys.readouterr().out
+    assert "the prompt can now use <star> (2 vectors)" in out and "the prompt can now use <blob>" in out
+    image = pixels(tmp_path / "star.png")
+    assert np.abs(image.astype(int) - plain).max() > 10
+    pipe = load_pipeline(mini_sd)
+    load_embedding(adapters / "learned_embeds.safetensors", pipe.tokenizer, pipe.text_encoder)
+    load_embedding(adapters / "blob.pt", pipe.tokenizer, pipe.text_encoder)
+    assert np.array_equal(image, np.asarray(pipe.text_to_image(prompt, steps=2, seed=1)[0]))
+
+
+def test_hypernetwork_changes_the_image_and_strength_zero_is_the_plain_model(mini_sd, adapters, plain, tmp_path):
+    hn = str(adapters / "shapes.pt")
+    assert generate_mini(mini_sd, tmp_path / "hn.png", "--hypernetwork", hn, "--strength", "0.7", "--quiet") == 0
+    assert np.abs(pixels(tmp_path / "hn.png").astype(int) - plain).max() > 10
+    assert generate_mini(mini_sd, tmp_path / "zero.png", "--hypernetwork", hn, "--strength", "0", "--quiet") == 0
+    assert np.array_equal(pixels(tmp_path / "zero.png"), plain)
+
+
+def test_bad_adapter_files_give_one_clear_line(mini_sd, model, adapters, tmp_path, capsys):
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    torch.save({"emb_params": torch.zeros(1, 64)}, tmp_path / "embedding.pt")
+    cases = [
+        (mini_sd, ["--lora", str(tmp_path / "missing")], "--lora "),
+        (mini_sd, ["--lora", str(adapters / "shapes.pt")], "--lora: "),
+        (mini_sd, ["--lora", str(tmp_path / "junk.safetensors")], "--lora"),
+        (mini_sd, ["--lora-scale", "0.5"], "--lora-scale needs --lora"),
+        (mini_sd, ["--strength", "0.5"], "--strength needs --hypernetwork"),
+        (mini_sd, ["--embedding", str(adapters / "shapes.pt")], "--embedding: "),
+        (mini_sd, ["--hypernetwork", str(tmp_path / "embedding.pt")], "--hypernetwork: "),
+        (mini_sd, ["--hypernetwork", str(adapters / "learned_embeds.safetensors")], "usually a LoRA"),
+        (model, ["--hypernetwork", str(adapters / "shapes.pt")], "no attention layer of this UNet sees"),  # widths differ
+        (model, ["--lora", str(adapters / "lora")], "--lora: "),  # the tiny model's modules differ
+    ]
+    for folder, extra, message in cases:
+        out = tmp_path / "bad.png"
+        assert main(["generate", PROMPT, "--model", str(folder), "--steps", "1", "--out", str(out), "--quiet", *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("sdlearn generate: error:") and message in err, (extra, err)
+        assert err.count("\n") == 1, err
+        assert not out.exists()
