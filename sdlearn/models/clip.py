@@ -234,7 +234,8 @@ def _read_added_tokens(folder: Path, settings: dict, source: Path) -> dict:
     found = []
     for i, value in (settings.get("added_tokens_decoder") or {}).items():
         found.append((i, _token_content(value)))
-    if (folder / ADDED_TOKENS_NAME).is_file():
+    # As in transformers >= 5, added_tokens.json is read only when tokenizer_config.json has no list.
+    if "added_tokens_decoder" not in settings and (folder / ADDED_TOKENS_NAME).is_file():
         found.extend((i, t) for t, i in _read_json(folder / ADDED_TOKENS_NAME).items())
     if source.name == "tokenizer.json":
         found.extend((entry.get("id"), entry.get("content")) for entry in _read_json(source).get("added_tokens") or [])
@@ -469,9 +470,8 @@ class CLIPTokenizer:
         return tokenizer
 
     # A tokenizer.json (transformers' fast format) that we do not write would shadow the new
-    # vocab.json + merges.txt in transformers, and an old added_tokens.json would add tokens
-    # this tokenizer no longer has: a save removes them too.
-    superseded_names = ("tokenizer.json", ADDED_TOKENS_NAME)
+    # vocab.json + merges.txt in transformers: a save replaces it too.
+    superseded_names = ("tokenizer.json",)
 
     def added_token_ids(self) -> dict:
         """{token: id} of the tokens added after training (textual inversion's), by id."""
@@ -480,6 +480,9 @@ class CLIPTokenizer:
 
     def save_pretrained(self, folder) -> Path:
         """Write vocab.json, merges.txt, tokenizer_config.json and special_tokens_map.json.
+
+        Added tokens (textual inversion's) are written as transformers' CLIPTokenizer writes them:
+        in tokenizer_config.json under "added_tokens_decoder" and in added_tokens.json.
 
         Written aside and swapped in (sdlearn.models.files.save_folder): a failed save keeps the
         old tokenizer, and other files in `folder` are kept.
