@@ -179,6 +179,8 @@ def test_placeholder_already_in_vocabulary(folder):
         add_tokens(tok, te, "<star>")
     with pytest.raises(TextualInversionError, match="'circle</w>' is already in the tokenizer's vocabulary"):
         add_tokens(tok, te, "circle</w>")
+    with pytest.raises(TextualInversionError, match="'<STAR>' is already in the tokenizer's vocabulary"):
+        add_tokens(tok, te, "<STAR>")  # prompts are matched in lower case: it would be "<star>"
 
 
 def test_bad_arguments(folder, tmp_path):
