@@ -42,6 +42,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from sdlearn.models.clip import clean_text
 from sdlearn.models.files import write_file  # atomic: a failed save keeps an older file whole
 
 WEIGHT_NAME = "learned_embeds.safetensors"  # diffusers' TEXT_INVERSION_NAME_SAFE
@@ -82,7 +83,9 @@ def _add_rows(tokenizer, text_encoder: nn.Module, placeholder: str, rows: torch.
     if not torch.isfinite(rows).all():
         raise TextualInversionError(f"The embedding for {placeholder!r} holds NaN or infinite values; retrain it or use another file.")
     tokens = vector_tokens(placeholder, rows.shape[0])
-    taken = [t for t in tokens if t in tokenizer.encoder]
+    # Added tokens are matched in the cleaned (lower-case) prompt, so "<Star>" would be "<star>".
+    cleaned = {clean_text(t) for t in getattr(tokenizer, "added_tokens", {})}
+    taken = [t for t in tokens if t in tokenizer.encoder or clean_text(t) in cleaned]
     if taken:
         raise TextualInversionError(f"{taken[0]!r} is already in the tokenizer's vocabulary; choose another placeholder "
                                     "(e.g. '<my-concept>') or load the model again without it.")

@@ -6,6 +6,7 @@ docs describe it: {placeholder: tensor}) is read by sdlearn; the A1111 formats a
 """
 
 import argparse
+import json
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
 
 from sdlearn.clip import CLIPTextModel, CLIPTokenizer
+from sdlearn.models.checkpoint import CheckpointError
+from sdlearn.pipeline import load_pipeline
 from sdlearn.datasets import data_path
 from sdlearn.textual_inversion import (
     TextualInversionError,
@@ -176,6 +179,8 @@ def test_placeholder_already_in_vocabulary(folder):
         add_tokens(tok, te, "<star>")
     with pytest.raises(TextualInversionError, match="'circle</w>' is already in the tokenizer's vocabulary"):
         add_tokens(tok, te, "circle</w>")
+    with pytest.raises(TextualInversionError, match="'<STAR>' is already in the tokenizer's vocabulary"):
+        add_tokens(tok, te, "<STAR>")  # prompts are matched in lower case: it would be "<star>"
 
 
 def test_bad_arguments(folder, tmp_path):
@@ -234,9 +239,93 @@ def test_pickle_needing_more_than_weights_is_refused(folder, tmp_path):
         load_embedding(other, tok, te)
 
 
-def test_tokenizer_with_added_tokens_refuses_to_save(folder, tmp_path):
+# 4. Folders with added tokens -------------------------------------------------------------
+
+TOKEN_PROMPTS = ["a <star> in the top left", "a large <star> and shapex", "A SHAPEX on the right", "shapex<star>!"]
+
+
+def transformers_ids(tokenizer, prompts):
+    """transformers' ids for prompts as diffusers feeds them ("<star>" -> "<star> <star>_1", maybe_convert_prompt)."""
+    from diffusers.loaders import TextualInversionLoaderMixin
+
+    converted = TextualInversionLoaderMixin().maybe_convert_prompt(prompts, tokenizer)
+    return tokenizer(converted, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+
+
+def with_added_tokens(folder):
     tok, te = sd_text(folder)
-    add_tokens(tok, te, "<star>")
-    with pytest.raises(ValueError, match="has added tokens .* save the embedding with sdlearn.textual_inversion.save_embedding"):
-        tok.save_pretrained(tmp_path / "tokenizer")
-    assert not (tmp_path / "tokenizer" / "vocab.json").exists()
+    randomise(te, add_tokens(tok, te, "<star>", num_vectors=2))
+    randomise(te, add_tokens(tok, te, "shapex"), seed=1)
+    return tok, te
+
+
+@pytest.mark.parametrize("cls", ["CLIPTokenizer", "CLIPTokenizerFast"])
+def test_tokenizer_with_added_tokens_saved_for_transformers(folder, tmp_path, cls):
+    import transformers
+
+    tok, _ = with_added_tokens(folder)
+    tok.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    V = len(tok) - 3
+    assert config["added_tokens_decoder"][str(V)] == {"content": "<star>", "lstrip": False, "normalized": True, "rstrip": False,
+                                                      "single_word": False, "special": False}
+    assert json.loads((tmp_path / "added_tokens.json").read_text()) == {"<star>": V, "<star>_1": V + 1, "shapex": V + 2}
+    assert len(json.loads((tmp_path / "vocab.json").read_text())) == V  # the trained vocabulary only, as transformers writes it
+    theirs = getattr(transformers, cls).from_pretrained(tmp_path)
+    assert len(theirs) == len(tok)
+    assert tok(TOKEN_PROMPTS).tolist() == transformers_ids(theirs, TOKEN_PROMPTS).tolist()
+    ours = CLIPTokenizer.from_pretrained(tmp_path)
+    assert ours.added_tokens == tok.added_tokens and ours(TOKEN_PROMPTS).tolist() == tok(TOKEN_PROMPTS).tolist()
+
+
+def test_tokenizer_with_added_tokens_saved_by_transformers(folder, tmp_path):
+    """transformers >= 5 writes only tokenizer.json (its "added_tokens"); older versions added_tokens.json + tokenizer_config."""
+    import transformers
+
+    theirs = transformers.CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    theirs.add_tokens(["<star>", "<star>_1", "shapex"])
+    theirs.save_pretrained(tmp_path / "new")
+    ours = CLIPTokenizer.from_pretrained(tmp_path / "new")
+    assert ours.added_tokens == {"<star>": ("<star>", "<star>_1"), "<star>_1": ("<star>_1",), "shapex": ("shapex",)}
+    assert ours(TOKEN_PROMPTS).tolist() == transformers_ids(theirs, TOKEN_PROMPTS).tolist()
+    old = tmp_path / "old"  # the slow tokenizer's files (transformers 4.x), written out by hand
+    CLIPTokenizer.from_pretrained(folder / "tokenizer").save_pretrained(old)
+    V = len(ours) - 3
+    (old / "added_tokens.json").write_text(json.dumps({"<star>": V, "<star>_1": V + 1, "shapex": V + 2}))
+    assert CLIPTokenizer.from_pretrained(old)(TOKEN_PROMPTS).tolist() == ours(TOKEN_PROMPTS).tolist()
+
+
+def test_added_tokens_that_do_not_fit_are_refused(folder, tmp_path):
+    tok, _ = with_added_tokens(folder)
+    tok.save_pretrained(tmp_path)
+    V = len(tok) - 3
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    legacy = {k: v for k, v in config.items() if k != "added_tokens_decoder"}  # then added_tokens.json is the list
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(legacy))
+    (tmp_path / "added_tokens.json").write_text(json.dumps({"<star>": V, "<star>_1": V + 1, "other": V + 1}))
+    with pytest.raises(CheckpointError, match=f"gives id {V + 1} to two added tokens, '<star>_1' and 'other'"):
+        CLIPTokenizer.from_pretrained(tmp_path)
+    (tmp_path / "added_tokens.json").write_text(json.dumps({"<star>": V, "<star>_1": V + 1, "shapex": V + 5}))
+    with pytest.raises(CheckpointError, match=r"must be \[.*\]\.\.\.; the files come from different tokenizers"):
+        CLIPTokenizer.from_pretrained(tmp_path)
+    # added_tokens_decoder, when there, is the list (as in transformers >= 5): added_tokens.json is not read then
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    assert CLIPTokenizer.from_pretrained(tmp_path).added_tokens == tok.added_tokens
+
+
+def test_pipeline_with_added_tokens_saves_and_reloads(folder, tmp_path):
+    """A whole pipeline: tokens in tokenizer/, the grown table in text_encoder/ (config vocab_size too), in sdlearn and diffusers."""
+    pipe = load_pipeline(folder)
+    tok, te = pipe.tokenizer, pipe.text_encoder
+    randomise(te, add_tokens(tok, te, "<star>", num_vectors=2))
+    pipe.save_pretrained(tmp_path)
+    V = len(tok)
+    assert json.loads((tmp_path / "text_encoder" / "config.json").read_text())["vocab_size"] == V
+    again = load_pipeline(tmp_path)
+    assert again.text_encoder.text_model.embeddings.token_embedding.weight.shape[0] == V == len(again.tokenizer)
+    assert_parity(sdlearn_encode(again.tokenizer, again.text_encoder.eval(), PROMPT), sdlearn_encode(tok, te.eval(), PROMPT))
+    theirs = StableDiffusionPipeline.from_pretrained(tmp_path)
+    assert theirs.text_encoder.config.vocab_size == V
+    ids = transformers_ids(theirs.tokenizer, [PROMPT])
+    hidden, _ = theirs.encode_prompt(PROMPT, "cpu", 1, False)
+    assert_parity(sdlearn_encode(tok, te, PROMPT), (ids, hidden))

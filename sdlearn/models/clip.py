@@ -221,6 +221,39 @@ def check_bpe_complete(vocab: dict, merges: list, specials, source) -> None:
         )
 
 
+ADDED_TOKENS_NAME = "added_tokens.json"  # transformers' older file for added tokens: {token: id}
+
+
+def _read_added_tokens(folder: Path, settings: dict, source: Path) -> dict:
+    """{id: token} of the added tokens, from every place transformers keeps them.
+
+    tokenizer_config.json "added_tokens_decoder" ({"596": {"content": "<star>", ...}}, special
+    tokens included), added_tokens.json ({"<star>": 596}, transformers < 4.34 and the slow
+    tokenizer) and tokenizer.json "added_tokens" (transformers >= 5 writes only that file).
+    """
+    found = []
+    for i, value in (settings.get("added_tokens_decoder") or {}).items():
+        found.append((i, _token_content(value)))
+    # As in transformers >= 5, added_tokens.json is read only when tokenizer_config.json has no list.
+    if "added_tokens_decoder" not in settings and (folder / ADDED_TOKENS_NAME).is_file():
+        found.extend((i, t) for t, i in _read_json(folder / ADDED_TOKENS_NAME).items())
+    if source.name == "tokenizer.json":
+        found.extend((entry.get("id"), entry.get("content")) for entry in _read_json(source).get("added_tokens") or [])
+    added = {}
+    for i, token in found:
+        try:
+            i = int(i)
+        except (TypeError, ValueError):
+            i = None
+        if i is None or i < 0 or not isinstance(token, str) or not token:
+            raise CheckpointError(f"{folder} lists an added token {token!r} with id {i!r}; expected a token string and an id >= 0. "
+                                  "The tokenizer files are corrupted; copy the folder again from its source.")
+        if added.setdefault(i, token) != token:
+            raise CheckpointError(f"{folder} gives id {i} to two added tokens, {added[i]!r} and {token!r}; "
+                                  "the files come from different tokenizers. Copy the tokenizer folder again from its source.")
+    return added
+
+
 def _token_content(value) -> str | None:
     """A special token as tokenizer_config.json / special_tokens_map.json store it."""
     if isinstance(value, dict):
@@ -293,37 +326,49 @@ class CLIPTokenizer:
     # -- text -> tokens -> ids ------------------------------------------------------------
     @property
     def special_tokens(self) -> tuple:
-        return tuple(dict.fromkeys((self.bos_token, self.eos_token, self.pad_token, self.unk_token, *self.added_tokens)))
+        return tuple(dict.fromkeys((self.bos_token, self.eos_token, self.pad_token, self.unk_token)))
 
-    def _split_special(self, text: str) -> list:
-        """Split raw text at literal special tokens, longest first, as transformers does."""
-        specials = sorted(self.special_tokens, key=len, reverse=True)
-        parts = regex.split("(" + "|".join(regex.escape(s) for s in specials) + ")", text)
-        return [p for p in parts if p]
+    @staticmethod
+    def _split_at(text: str, words) -> list:
+        """Split text at literal words, longest first, as transformers does; the words stay as parts."""
+        if not words:
+            return [text] if text else []
+        words = sorted(words, key=len, reverse=True)
+        return [p for p in regex.split("(" + "|".join(regex.escape(w) for w in words) + ")", text) if p]
+
+    def _bpe_tokens(self, cleaned: str, pattern, specials) -> list:
+        """BPE tokens of cleaned text: cut into pieces by `pattern`, each piece merged by bpe()."""
+        tokens = []
+        for piece in pattern.findall(cleaned):
+            if piece in specials:
+                tokens.append(piece)
+                continue
+            chars = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
+            if chars not in self._cache:
+                self._cache[chars] = bpe(chars, self.merge_ranks)
+            tokens.extend(self._cache[chars])
+        return tokens
 
     def tokenize(self, text: str) -> list:
         """The BPE tokens of `text` (no start/end tokens), e.g. ['a</w>', 'red</w>', 'circle</w>']."""
         if not isinstance(text, str):
             raise TypeError(f"Expected a prompt string, got {type(text).__name__}.")
-        if self.text_cleaning == "nfc":
-            # transformers finds special tokens in the raw text, before cleaning. With SD 2.x's
-            # pad token "!", a typed "!" is therefore the pad token (id 0), not "!</w>".
-            parts, specials, pattern = self._split_special(text), self.special_tokens, PIECE_PATTERN
-        else:  # openai/CLIP: the regex finds start/end tokens after cleaning, in any case
-            parts, specials, pattern = [text], (self.bos_token, self.eos_token), PIECE_PATTERN_OPENAI
+        if self.text_cleaning != "nfc":  # openai/CLIP: the regex finds start/end tokens after cleaning, in any case
+            specials = (self.bos_token, self.eos_token)
+            return self._bpe_tokens(clean_text(text, self.text_cleaning), PIECE_PATTERN_OPENAI, specials)
+        # transformers finds special tokens in the raw text, before cleaning. With SD 2.x's pad
+        # token "!", a typed "!" is therefore the pad token (id 0), not "!</w>". Added tokens
+        # (normalized, as transformers' add_tokens makes them) are found in the cleaned text and
+        # are cleaned themselves: "<STAR>" is "<star>", and "<star>" stands for its n tokens.
+        specials = self.special_tokens
+        added = {clean_text(t): t for t in self.added_tokens}  # cleaned -> placeholder
         tokens = []
-        for part in parts:
+        for part in self._split_at(text, specials):
             if part in specials:
-                tokens.extend(self.added_tokens.get(part, (part,)))
+                tokens.append(part)
                 continue
-            for piece in pattern.findall(clean_text(part, self.text_cleaning)):
-                if piece in specials:
-                    tokens.append(piece)
-                    continue
-                chars = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
-                if chars not in self._cache:
-                    self._cache[chars] = bpe(chars, self.merge_ranks)
-                tokens.extend(self._cache[chars])
+            for sub in self._split_at(clean_text(part), added):
+                tokens.extend(self.added_tokens[added[sub]] if sub in added else self._bpe_tokens(sub, PIECE_PATTERN, specials))
         return tokens
 
     def convert_tokens_to_ids(self, tokens: list) -> list:
@@ -394,19 +439,50 @@ class CLIPTokenizer:
             if path.is_file():
                 settings.update({k: v for k, v in _read_json(path).items() if v is not None})
         kwargs = {k: _token_content(settings[k]) for k in ("bos_token", "eos_token", "pad_token", "unk_token") if k in settings}
-        added = settings.get("added_tokens_decoder") or {}
-        specials = {BOS_TOKEN, EOS_TOKEN, *kwargs.values(), *(_token_content(v) for v in added.values())}
+        added = _read_added_tokens(folder, settings, source)  # {id: token}, special tokens included
+        specials = {BOS_TOKEN, EOS_TOKEN, *kwargs.values(), *added.values()}
         check_bpe_complete(vocab, merges, specials, source)
         if isinstance(settings.get("model_max_length"), int) and settings["model_max_length"] <= 10_000:
             kwargs["model_max_length"] = settings["model_max_length"]
-        return cls(vocab, merges, text_cleaning=text_cleaning, **kwargs)
+        tokenizer = cls(vocab, merges, text_cleaning=text_cleaning, **kwargs)
+        new = {}  # token -> id, the added tokens that are not in vocab.json (textual inversion's)
+        for i, token in sorted(added.items()):
+            if token in vocab:
+                if vocab[token] != i:
+                    raise CheckpointError(f"{folder}: the added token {token!r} has id {i}, but the vocabulary gives it id {vocab[token]}; "
+                                          "the files come from different tokenizers. Copy the tokenizer folder again from its source.")
+                continue
+            new[token] = i
+        expected = list(range(len(vocab), len(vocab) + len(new)))
+        if sorted(new.values()) != expected:
+            raise CheckpointError(f"{folder}: the added tokens {list(new)[:3]} have ids {sorted(new.values())[:3]}..., but after a vocabulary "
+                                  f"of {len(vocab)} tokens they must be {expected[:3]}...; the files come from different tokenizers.")
+        for token, i in new.items():
+            tokenizer.encoder[token] = i
+            tokenizer.decoder[i] = token
+        # diffusers' rule for a placeholder of n vectors (maybe_convert_prompt): "<star>" stands for
+        # "<star> <star>_1 ... <star>_{n-1}" as long as the next "<star>_i" is an added token.
+        for token in new:
+            run = [token]
+            while f"{token}_{len(run)}" in new:
+                run.append(f"{token}_{len(run)}")
+            tokenizer.added_tokens[token] = tuple(run)
+        return tokenizer
 
     # A tokenizer.json (transformers' fast format) that we do not write would shadow the new
     # vocab.json + merges.txt in transformers: a save replaces it too.
     superseded_names = ("tokenizer.json",)
 
+    def added_token_ids(self) -> dict:
+        """{token: id} of the tokens added after training (textual inversion's), by id."""
+        tokens = {t for run in self.added_tokens.values() for t in run}
+        return dict(sorted(((t, self.encoder[t]) for t in tokens), key=lambda item: item[1]))
+
     def save_pretrained(self, folder) -> Path:
         """Write vocab.json, merges.txt, tokenizer_config.json and special_tokens_map.json.
+
+        Added tokens (textual inversion's) are written as transformers' CLIPTokenizer writes them:
+        in tokenizer_config.json under "added_tokens_decoder" and in added_tokens.json.
 
         Written aside and swapped in (sdlearn.models.files.save_folder): a failed save keeps the
         old tokenizer, and other files in `folder` are kept.
@@ -415,12 +491,13 @@ class CLIPTokenizer:
 
     def write_files(self, folder) -> None:
         """Write the tokenizer files into `folder` directly (save_pretrained calls this on a temporary folder)."""
-        if self.added_tokens:  # vocab.json + merges.txt cannot hold them: from_pretrained would refuse the folder
-            raise ValueError(f"This tokenizer has added tokens {sorted(self.added_tokens)[:3]} that its files cannot hold yet; "
-                             "save the embedding with sdlearn.textual_inversion.save_embedding and load it into the original tokenizer.")
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        vocab = dict(sorted(self.encoder.items(), key=lambda item: item[1]))
+        added = self.added_token_ids()
+        # As transformers' CLIPTokenizer saves: vocab.json holds the trained vocabulary only; added
+        # tokens go to tokenizer_config.json ("added_tokens_decoder", with the special tokens)
+        # and added_tokens.json (the older place, still read).
+        vocab = dict(sorted(((t, i) for t, i in self.encoder.items() if t not in added), key=lambda item: item[1]))
         (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n", encoding="utf-8")
         merges = "\n".join(" ".join(m) for m in self.merges)
         (folder / "merges.txt").write_text("#version: 0.2\n" + merges + "\n", encoding="utf-8")
@@ -433,6 +510,17 @@ class CLIPTokenizer:
             "add_prefix_space": False,
             "errors": "replace",
         }
+        if added:
+            # Special tokens are matched in the raw text (normalized False); added ones, as transformers'
+            # add_tokens makes them, in the cleaned text (normalized True: "<STAR>" is "<star>").
+            # Written only with added tokens: transformers >= 5 then ignores special_tokens_map.json.
+            specials = {self.encoder[t]: t for t in self.special_tokens}
+            config["added_tokens_decoder"] = {
+                str(i): {"content": t, "lstrip": False, "normalized": i not in specials, "rstrip": False, "single_word": False,
+                         "special": i in specials}
+                for i, t in sorted({**specials, **{i: t for t, i in added.items()}}.items())
+            }
+            (folder / ADDED_TOKENS_NAME).write_text(json.dumps(added, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
