@@ -340,7 +340,8 @@ class DiffusionLoss:
         correction = 1.0 / (self.schedule.T * self.timestep_probabilities[t.cpu()].to(t.device))  # importance weight
         return correction.float() if w is None else (w * correction).float()
 
-    def __call__(self, unet: UNet, batch) -> torch.Tensor:
+    def per_image(self, unet: UNet, batch) -> torch.Tensor:
+        """w(t_i) * mean over pixels (target_i - UNet(x_t, t, c)_i)^2 for each image i: shape (B,)."""
         x0, t, eps, *rest = batch
         context = rest[0] if rest and rest[0] is not None else null_context(unet, x0.shape[0], x0.device, x0.dtype)
         class_labels = rest[1] if len(rest) > 1 else None
@@ -348,7 +349,10 @@ class DiffusionLoss:
         target = eps if self.prediction_type == "epsilon" else self.schedule.v_target(x0, eps, t)
         error = (unet(x_t, t, context, class_labels=class_labels) - target).pow(2).flatten(1).mean(dim=1)  # (B,)
         weight = self.weights(t)
-        return error.mean() if weight is None else (weight.to(error) * error).mean()
+        return error if weight is None else weight.to(error) * error
+
+    def __call__(self, unet: UNet, batch) -> torch.Tensor:
+        return self.per_image(unet, batch).mean()
 
     def __repr__(self) -> str:
         importance = "" if self.timestep_probabilities is None else ", timestep_probabilities=..."
