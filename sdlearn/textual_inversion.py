@@ -228,7 +228,7 @@ def _parse(data, path: Path, token: str | None) -> tuple[str, torch.Tensor]:
         (key, rows), = data.items()
         name = token or key
     else:
-        found = f"keys {sorted(data)[:4]}" if isinstance(data, dict) and data else "no embedding"
+        found = f"keys {sorted(map(str, data))[:4]}" if isinstance(data, dict) and data else "no embedding"
         raise TextualInversionError(f"{path} holds {found}, not one embedding; expected {{placeholder: (n, D)}} (diffusers), "
                                     "{'emb_params': (n, D)} or a string_to_param dict (A1111), check that this is a textual-inversion file.")
     if not isinstance(rows, torch.Tensor) or not rows.is_floating_point():
