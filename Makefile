@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.sdlearn-installed
 
-.PHONY: lab test test-fast notebooks bench clean-venv train-clip train-tiny-vae train-classifier train-ddpm train-mini-sd
+.PHONY: lab test test-fast notebooks bench clean-venv train-clip train-tiny-vae train-classifier train-ddpm train-mini-sd train-lora-star train-ti-sun train-ti-star train-hypernetwork-star train-dreambooth-star
 
 # Create the virtual environment once, and reinstall whenever the pins change.
 $(STAMP): requirements.txt pyproject.toml
@@ -87,3 +87,41 @@ bench: $(INSTALL)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Lesson 12: teaching mini-SD the star (and textual inversion a word for a large yellow circle).
+# Each run is evaluated by `python -m sdlearn.evaluate concept` (EVAL_ARGS: --n, --small, --original).
+PERSONALISE = $(PY) -m sdlearn.recipes.personalise
+CONCEPT_EVAL = $(PY) -m sdlearn.evaluate concept
+
+train-lora-star: OUT = data/lora-star
+train-lora-star: STEPS = 600
+train-lora-star: $(INSTALL)
+	$(PERSONALISE) --method lora --concept star --out $(OUT) --steps $(STEPS) --threads 1 $(ARGS) $(if $(OVERWRITE),--overwrite)
+	$(CONCEPT_EVAL) --adapter $(OUT) $(EVAL_ARGS) --json $(OUT)/evaluation.json
+
+train-ti-sun: OUT = data/ti-sun
+train-ti-sun: STEPS = 400
+train-ti-sun: $(INSTALL)
+	$(PERSONALISE) --method textual-inversion --concept sun --out $(OUT) --steps $(STEPS) --threads 1 $(ARGS) $(if $(OVERWRITE),--overwrite)
+	$(CONCEPT_EVAL) --adapter $(OUT) $(EVAL_ARGS) --json $(OUT)/evaluation.json
+
+train-ti-star: OUT = data/ti-star
+train-ti-star: STEPS = 400
+train-ti-star: $(INSTALL)
+	$(PERSONALISE) --method textual-inversion --concept star --out $(OUT) --steps $(STEPS) --threads 1 $(ARGS) $(if $(OVERWRITE),--overwrite)
+	$(CONCEPT_EVAL) --adapter $(OUT) $(EVAL_ARGS) --json $(OUT)/evaluation.json
+
+train-hypernetwork-star: OUT = data/hypernetwork-star
+train-hypernetwork-star: STEPS = 600
+train-hypernetwork-star: $(INSTALL)
+	$(PERSONALISE) --method hypernetwork --concept star --out $(OUT) --steps $(STEPS) --threads 1 $(ARGS) $(if $(OVERWRITE),--overwrite)
+	$(CONCEPT_EVAL) --adapter $(OUT) $(EVAL_ARGS) --json $(OUT)/evaluation.json
+
+# DreamBooth twice, with and without prior preservation; the fine-tuned UNets (17 MB each) are not shipped, their records are.
+train-dreambooth-star: OUT = data/dreambooth-star
+train-dreambooth-star: STEPS = 400
+train-dreambooth-star: $(INSTALL)
+	$(PERSONALISE) --method dreambooth --concept star --prior-weight 1 --out $(OUT)/with-prior --steps $(STEPS) --threads 1 $(ARGS) $(if $(OVERWRITE),--overwrite)
+	$(CONCEPT_EVAL) --adapter $(OUT)/with-prior $(EVAL_ARGS) --json $(OUT)/with-prior/evaluation.json
+	$(PERSONALISE) --method dreambooth --concept star --prior-weight 0 --out $(OUT)/without-prior --steps $(STEPS) --threads 1 $(ARGS) $(if $(OVERWRITE),--overwrite)
+	$(CONCEPT_EVAL) --adapter $(OUT)/without-prior $(EVAL_ARGS) --json $(OUT)/without-prior/evaluation.json

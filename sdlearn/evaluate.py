@@ -285,6 +285,59 @@ def unknown_word_report(pipe, word: str = "star", n: int = 100, sampler: str = "
     }
 
 
+def concept_prompts(concept, n: int, sizes=None, placeholder: bool = False, seed: int = EVAL_PROMPT_SEED) -> tuple:
+    """n prompts naming all four attributes of scenes of `concept` (a sdlearn.recipes.personalise.Concept),
+    in the given sizes (default: the concept's own), and what each asks for: (prompts, requested).
+    With placeholder=True the concept's words are its textual-inversion placeholder ("a large red <star> ...")."""
+    dataset, keep = concept.images(n, seed) if sizes is None else _sized(concept, n, sizes, seed)
+    requested = [dataset.attributes(i) for i in keep]
+    return [concept.caption(r, placeholder=placeholder) for r in requested], requested
+
+
+def _sized(concept, n, sizes, seed):
+    from dataclasses import replace
+
+    return replace(concept, sizes=tuple(sizes)).images(n, seed)
+
+
+def concept_report(pipe, concept, n: int = 100, n_small: int = 0, placeholder: bool = False, steps: int = 25,
+                   guidance_scale: float = TEXT_TO_IMAGE_GUIDANCE, seed: int = 0, classifier=None) -> dict:
+    """How well a pipeline draws `concept`: faithfulness on n prompts of it at its largest size
+    (for the star: "a large <colour> star <position>", every colour and place), on n_small
+    prompts of small ones (if the concept has small ones), and the rate at which its shape is
+    drawn at all (`drawn_rate`: the referee reads the shape asked for)."""
+    large = "large" if "large" in concept.sizes else concept.sizes[-1]
+    report = {}
+    for label, sizes, count, offset in (("large", (large,), n, 3000), ("small", ("small",), n_small, 4000)):
+        if count == 0 or sizes[0] not in concept.sizes:
+            continue
+        prompts, requested = concept_prompts(concept, count, sizes, placeholder)
+        images = generate(pipe, prompts, "ddim", steps, guidance_scale, seed=seed + offset)
+        table = faithfulness(images, requested, classifier)
+        report[label] = {"prompts": prompts[:3], "faithfulness": table,
+                         "clean_and_asked": clean_and_asked(images, requested, classifier)}
+    return report
+
+
+def original_prompts_report(pipe, n: int = 200, steps: int = 25, guidance_scale: float = TEXT_TO_IMAGE_GUIDANCE,
+                            seed: int = 0, classifier=None) -> dict:
+    """Faithfulness on the n prompts `python -m sdlearn.evaluate text-to-image` grades (DDIM): what an
+    adapter must not break."""
+    prompts, requested = prompt_set(n, "train")
+    images = generate(pipe, prompts, "ddim", steps, guidance_scale, seed=seed)
+    return {"faithfulness": faithfulness(images, requested, classifier),
+            "clean_and_asked": clean_and_asked(images, requested, classifier)}
+
+
+def format_concept_report(report: Mapping, title: str) -> str:
+    heads = (*HEADS, "all")
+    lines = [title, f"{'':<28}" + "".join(f"{h:>10}" for h in heads) + f"{'clean+asked':>13}"]
+    for name, row in report.items():
+        cells = "".join(f"{100 * row['faithfulness'][h]['accuracy']:9.1f}%" for h in heads)
+        lines.append(f"{name:<28}{cells}{100 * row['clean_and_asked']['accuracy']:12.1f}%")
+    return "\n".join(lines)
+
+
 @torch.no_grad()
 def inpainting_report(pipe, images, prompts: Sequence[str], masks, colours: Sequence[str], steps: int = 25,
                       guidance_scale: float = TEXT_TO_IMAGE_GUIDANCE, sampler: str = "ddim", seed: int = 0,
@@ -383,6 +436,17 @@ def build_parser():
     p.add_argument("--guidance", type=FINITE_FLOAT, default=None, help="guidance scale (default: the model's recorded choice, else 4)")
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the report to this JSON file")
+    p = commands.add_parser("concept", help="what a personalise run (LoRA, embedding, DreamBooth, hypernetwork) taught, and what it broke")
+    p.add_argument("--adapter", required=True, help="a folder written by python -m sdlearn.recipes.personalise (e.g. data/lora-star)")
+    p.add_argument("--base", default=None, help="the base pipeline (default: the one the run's training.json names)")
+    p.add_argument("--classifier", default=None, help="classifier folder (default data/shapes-classifier)")
+    p.add_argument("--n", type=count, default=100, help="prompts of the concept at its largest size")
+    p.add_argument("--small", type=int_range(0, MAX_COUNT), default=50, help="prompts of small ones (if the concept comes small)")
+    p.add_argument("--original", type=count, default=200, help="prompts of mini-SD's own evaluation (the drift)")
+    p.add_argument("--steps", type=POSITIVE_INT, default=25)
+    p.add_argument("--guidance", type=FINITE_FLOAT, default=None, help="guidance scale (default: the base model's recorded choice, else 4)")
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--json", type=Path, default=None, help="also write the report to this JSON file")
     return parser
 
 
@@ -412,6 +476,13 @@ def prepare(args) -> dict:
         for name in args.samplers:
             sampler_from_config(pipe.scheduler_config, name).set_timesteps(args.steps)
         prepared.update(model=model, pipe=pipe)
+    elif args.command == "concept":
+        from sdlearn.pipeline.loading import load_pipeline
+        from sdlearn.recipes.personalise import read_record
+
+        record = read_record(args.adapter)
+        model = args.base if args.base is not None else data_path(Path(record["base_model"]).name, "train-mini-sd")
+        prepared.update(model=model, pipe=load_pipeline(model), record=record)
     return prepared
 
 
@@ -476,7 +547,41 @@ def main(argv=None) -> int:
                    "seconds": round(time.perf_counter() - began, 1), "samplers": report, "unknown_word": unknown}
             return save_report(parser.prog, args.json, out)
         return 0
+    if args.command == "concept":
+        return concept_command(args, prepared, command, parser.prog)
     return 2
+
+
+def concept_command(args, prepared: dict, command: str, prog: str) -> int:
+    """`concept`: the base model and the adapted one on the concept's prompts and on the original ones."""
+    from sdlearn.recipes.personalise import CONCEPTS, load_adapter
+
+    began = time.perf_counter()
+    model, pipe, record, classifier = prepared["model"], prepared["pipe"], prepared["record"], prepared["classifier"]
+    concept = CONCEPTS[record["concept"]]
+    guidance = args.guidance if args.guidance is not None else recommended_guidance(model, default=TEXT_TO_IMAGE_GUIDANCE)
+    common = dict(steps=args.steps, guidance_scale=guidance, seed=args.seed, classifier=classifier)
+    base = {"concept": concept_report(pipe, concept, args.n, args.small, **common),
+            "original": original_prompts_report(pipe, args.original, **common)}
+    load_adapter(pipe, args.adapter)
+    placeholder = record["method"] == "textual-inversion"
+    adapted = {"concept": concept_report(pipe, concept, args.n, args.small, placeholder=placeholder, **common),
+               "original": original_prompts_report(pipe, args.original, **common)}
+    drift = adapted["original"]["faithfulness"]["all"]["accuracy"] - base["original"]["faithfulness"]["all"]["accuracy"]
+    rows = {f"base, {k} {concept.name}": v for k, v in base["concept"].items()}
+    rows.update({f"{record['method']}, {k} {concept.name}": v for k, v in adapted["concept"].items()})
+    rows.update({"base, original prompts": base["original"], f"{record['method']}, original prompts": adapted["original"]})
+    print(format_concept_report(rows, f"{record['method']} on {concept.name} ({args.steps} steps DDIM, guidance {guidance:g}): "
+                                      f"{args.n} prompts (+{args.small} small), {args.original} original prompts"))
+    print(f"drift on the original prompts (all four right): {100 * drift:+.1f} points")
+    if args.json is not None:
+        report = {"command": command, "adapter": str(args.adapter), "method": record["method"], "concept": concept.name,
+                  "n": args.n, "small": args.small, "original": args.original, "steps": args.steps, "guidance_scale": guidance,
+                  "seed": args.seed, "torch_threads": torch.get_num_threads(), "cpu": cpu_name(),
+                  "seconds": round(time.perf_counter() - began, 1), "base": base, "adapted": adapted,
+                  "drift_points": round(100 * drift, 2)}
+        return save_report(prog, args.json, report)
+    return 0
 
 
 def save_report(prog: str, path: Path, report: dict) -> int:

@@ -1,0 +1,466 @@
+"""Teach mini-SD a new concept four ways: LoRA, textual inversion, DreamBooth, a hypernetwork.
+
+    python -m sdlearn.recipes.personalise --method lora --concept star --out data/lora-star
+    python -m sdlearn.recipes.personalise --method textual-inversion --concept sun --out data/ti-sun
+    python -m sdlearn.recipes.personalise --method dreambooth --prior-weight 1 --out /tmp/dreambooth-star
+    python -m sdlearn.recipes.personalise --method hypernetwork --out data/hypernetwork-star
+
+Every method trains the same thing with the same loop (sdlearn.train.train, on accelerate) and
+the same loss, mini-SD's own (v-prediction, Min-SNR-5 weights; sdlearn.ddpm.DiffusionLoss):
+
+    L = E_{x ~ concept images, t, eps} w(t) || v - UNet(z_t, t, c(prompt)) ||^2,   z_0 = E(x)
+
+and differs only in which numbers it lets move:
+
+    method              trains                                         writes
+    lora                A and B of every attention projection          pytorch_lora_weights.safetensors (diffusers/peft)
+                        (sdlearn.lora)
+    textual-inversion   the new rows of the token-embedding table      learned_embeds.safetensors (diffusers) and
+                        (sdlearn.textual_inversion)                    <name>.safetensors (A1111)
+    dreambooth          every UNet weight, optionally with prior       unet/ (a diffusers UNet folder)
+                        preservation (sdlearn.dreambooth)
+    hypernetwork        two small MLPs per context width, in front of  <name>.pt (A1111)
+                        every to_k and to_v (sdlearn.hypernetwork)
+
+The concepts (CONCEPTS): "star", a shape the renderer and the referee know but mini-SD was
+never taught (its autoencoder draws stars: data/tiny-vae's record), in every colour, size and
+position, prompted as "a large red star in the top left"; and "sun", a large yellow circle,
+which mini-SD can already draw: textual inversion learns one new word for it ("a <sun> in the
+top left"), which is what textual inversion can do. For textual inversion the concept's words
+in each prompt are replaced by the placeholder ("a large red <star> in the top left").
+
+Prior preservation (--prior-weight w > 0, any method that trains UNet weights): every batch
+also holds as many "class images", which the base model drew once before training for prompts
+of the shapes it knows, with loss weight w (sdlearn.dreambooth).
+
+Measuring what was learnt is `python -m sdlearn.evaluate concept --adapter OUT` (what the
+shipped folders' evaluation.json holds); data/README.md lists the shipped runs.
+"""
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from sdlearn.cli import NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, POSITIVE_INT, ArgumentParser, one_line
+from sdlearn.datasets import COLOUR_NAMES, SIZES, Shapes, data_dir, make_caption, to_model_range
+from sdlearn.ddpm import DiffusionLoss
+from sdlearn.diffusion.schedules import NoiseSchedule
+from sdlearn.doctor import cpu_name
+from sdlearn.dreambooth import PriorPreservationLoss, interleave
+from sdlearn.models.files import write_text
+from sdlearn.plotting import image_grid
+from sdlearn.recipes import check_out_folder
+from sdlearn.train import train
+
+METHODS = ("lora", "textual-inversion", "dreambooth", "hypernetwork")
+BASE_MODEL = "mini-sd"  # under data/
+INSTANCE_SEED = 11  # the concept's training images (the evaluation draws EVAL_PROMPT_SEED = 2000)
+PRIOR_SEED = 12  # the prompts of the class images
+
+
+@dataclass(frozen=True)
+class Concept:
+    """A concept to teach: what its images show and how prompts name it.
+
+    fixed: the attributes every image of the concept has (the star: its shape; the sun: shape,
+    colour and size); the others (colours, sizes, every position) vary from image to image.
+    placeholder: the new word textual inversion learns; it replaces the fixed attributes' words.
+    """
+
+    name: str
+    fixed: dict
+    colours: tuple = COLOUR_NAMES
+    sizes: tuple = SIZES
+    placeholder: str = "<concept>"
+    initializer: str = "circle"  # textual inversion's new rows start as this word's embedding
+
+    def images(self, n: int, seed: int, size: int = 64) -> tuple:
+        """n scenes of the concept: (Shapes dataset, the indices of its items that show the concept)."""
+        dataset = Shapes(4 * n, seed=seed, size=size, split="all", captions="full", shapes=(self.fixed["shape"],),
+                         colours=self.colours)
+        keep = [i for i in range(len(dataset)) if dataset.attributes(i)["size"] in self.sizes][:n]
+        if len(keep) < n:
+            raise ValueError(f"Could not draw {n} images of {self.name}; ask for fewer.")
+        return dataset, keep
+
+    def caption(self, attrs: dict, rng=None, drop_prob: float = 0.0, placeholder: bool = False) -> str:
+        """A prompt for a scene of the concept; with placeholder=True the concept's words become the placeholder."""
+        if not placeholder:
+            return make_caption(attrs, rng, drop_prob)
+        free = {k: v for k, v in attrs.items() if k not in self.fixed or k == "shape"}
+        return make_caption(free, rng, drop_prob).replace(attrs["shape"], self.placeholder)
+
+
+CONCEPTS = {
+    "star": Concept("star", {"shape": "star"}, placeholder="<star>"),
+    "sun": Concept("sun", {"shape": "circle", "colour": "yellow", "size": "large"}, colours=("yellow",), sizes=("large",),
+                   placeholder="<sun>"),
+}
+
+
+@dataclass
+class PersonaliseConfig:
+    """The settings of one run; `for_method` gives each method's shipped defaults."""
+
+    method: str = "lora"
+    concept: str = "star"
+    n_images: int = 400  # instance images of the concept
+    steps: int = 400
+    batch_size: int = 32  # instance images per step (as many class images more with a prior)
+    lr: float = 1e-3
+    caption_drop_prob: float = 0.2  # each of size/colour/position left out of a prompt, as mini-SD was trained
+    p_uncond: float = 0.1  # the prompt replaced by "" (keeps classifier-free guidance working)
+    prior_weight: float = 0.0  # w of prior preservation; 0: no class images
+    n_prior: int = 400  # class images drawn by the base model
+    rank: int = 4  # lora
+    num_vectors: int = 1  # textual-inversion
+    layer_structure: tuple = (1, 2, 1)  # hypernetwork
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def for_method(cls, method: str, **overrides) -> "PersonaliseConfig":
+        defaults = {
+            "lora": dict(lr=1e-3),
+            "textual-inversion": dict(concept="sun", lr=5e-3),
+            "dreambooth": dict(lr=2e-4, prior_weight=1.0),
+            "hypernetwork": dict(lr=1e-3),
+        }
+        if method not in defaults:
+            raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+        return cls(**{"method": method, **defaults[method], **overrides})
+
+
+def base_pipeline(folder=None):
+    from sdlearn.pipeline import load_pipeline
+
+    return load_pipeline(Path(folder) if folder is not None else data_dir() / BASE_MODEL)
+
+
+# 1. The data --------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def encode_images(vae, pixels: np.ndarray, chunk: int = 256) -> tuple:
+    """Posterior mean and std (n, 4, 8, 8) of uint8 images (n, 64, 64, 3)."""
+    means, stds = [], []
+    for i in range(0, len(pixels), chunk):
+        posterior = vae.encode(to_model_range(pixels[i:i + chunk]))
+        means.append(posterior.mean)
+        stds.append(posterior.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def instance_set(concept: Concept, config: PersonaliseConfig) -> tuple:
+    """(pixels (n, 64, 64, 3) uint8, prompts): the concept's training images and their partial prompts."""
+    dataset, keep = concept.images(config.n_images, INSTANCE_SEED)
+    rng = np.random.default_rng([INSTANCE_SEED, config.seed])
+    ti = config.method == "textual-inversion"
+    prompts = [concept.caption(dataset.attributes(i), rng, config.caption_drop_prob, placeholder=ti) for i in keep]
+    return np.stack([dataset.pixels(i) for i in keep]), prompts
+
+
+@torch.no_grad()
+def class_images(pipe, n: int, seed: int = PRIOR_SEED, steps: int = 25, guidance_scale: float = 4.0,
+                 batch_size: int = 100) -> tuple:
+    """(images (n, 3, 64, 64) in [-1, 1], prompts): what the base model draws for n prompts of the shapes it knows."""
+    from sdlearn.evaluate import generate, prompt_set
+
+    prompts, _ = prompt_set(n, "train", seed=seed)
+    images = generate(pipe, prompts, "ddim", steps, guidance_scale, seed=seed, batch_size=batch_size)
+    return images, prompts
+
+
+class TextThenUNet(nn.Module):
+    """The text encoder in front of the UNet, for textual inversion:
+    forward(z_t, t, token_ids) = UNet(z_t, t, text_encoder(token_ids)).
+
+    Textual inversion trains rows of the text encoder's table, so the prompt must pass through
+    the encoder at every step (the other methods encode every prompt once, before training).
+    """
+
+    def __init__(self, text_encoder: nn.Module, unet: nn.Module):
+        super().__init__()
+        self.text_encoder, self.unet = text_encoder, unet
+
+    def forward(self, z_t, t, token_ids, class_labels=None):
+        return self.unet(z_t, t, self.text_encoder(token_ids), class_labels=class_labels)
+
+
+class ConceptBatches:
+    """train()'s data(step): (z_0, t, eps, context) for `batch_size` instance images, and with a
+    prior as many class images interleaved plus the is_prior flags (sdlearn.dreambooth).
+
+    context is a row of `contexts` (precomputed text embeddings, or token ids for textual
+    inversion); row 0 is the empty prompt, used with probability p_uncond. The batch depends
+    on the step only, so a resumed run continues exactly.
+    """
+
+    def __init__(self, instance: dict, prior: dict | None, contexts: torch.Tensor, scaling_factor: float,
+                 batch_size: int, p_uncond: float, num_train_timesteps: int, seed: int):
+        self.instance, self.prior, self.contexts = instance, prior, contexts
+        self.scaling_factor, self.batch_size, self.p_uncond = scaling_factor, batch_size, p_uncond
+        self.T, self.seed = num_train_timesteps, seed
+
+    def _draw(self, part: dict, g: torch.Generator) -> tuple:
+        B = self.batch_size
+        index = torch.randint(len(part["mean"]), (B,), generator=g)
+        z0 = self.scaling_factor * (part["mean"][index] + part["std"][index] * torch.randn(part["mean"][index].shape, generator=g))
+        rows = part["prompt_row"][index]
+        rows = torch.where(torch.rand(B, generator=g) < self.p_uncond, torch.zeros_like(rows), rows)
+        return z0, rows
+
+    def __call__(self, step: int):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        z0, rows = self._draw(self.instance, g)
+        if self.prior is not None:
+            z0_prior, rows_prior = self._draw(self.prior, g)
+            z0, rows = interleave(z0, z0_prior), interleave(rows, rows_prior)
+        t = torch.randint(self.T, (len(z0),), generator=g)
+        eps = torch.randn(z0.shape, generator=g)
+        batch = (z0, t, eps, self.contexts[rows])
+        if self.prior is not None:
+            batch += (torch.arange(len(z0)) % 2 == 1,)  # is_prior: the odd rows
+        return batch
+
+
+# 2. The methods ---------------------------------------------------------------------------------
+
+
+def attach(method: str, pipe, concept: Concept, config: PersonaliseConfig) -> tuple:
+    """Make `pipe` trainable the method's way: (the model train() runs, its trainable parameters)."""
+    unet, text_encoder = pipe.unet, pipe.text_encoder
+    unet.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    if method == "lora":
+        from sdlearn.lora import add_lora
+
+        return unet, add_lora(unet, rank=config.rank)
+    if method == "textual-inversion":
+        from sdlearn.textual_inversion import add_tokens, trainable_embeddings
+
+        ids = add_tokens(pipe.tokenizer, text_encoder, concept.placeholder, config.num_vectors, concept.initializer)
+        return TextThenUNet(text_encoder, unet), trainable_embeddings(text_encoder, ids)
+    if method == "dreambooth":
+        unet.requires_grad_(True)
+        return unet, list(unet.parameters())
+    if method == "hypernetwork":
+        from sdlearn.hypernetwork import add_hypernetwork
+
+        return unet, add_hypernetwork(unet, layer_structure=tuple(config.layer_structure), name=concept.name)
+    raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+
+
+def outputs(method: str, concept: Concept) -> tuple:
+    """The files a run writes into --out (besides training.json and samples.png)."""
+    name = concept.name
+    return {"lora": ("pytorch_lora_weights.safetensors",),
+            "textual-inversion": ("learned_embeds.safetensors", f"{name}.safetensors"),
+            "dreambooth": ("unet",),
+            "hypernetwork": (f"{name}.pt",)}[method]
+
+
+def save_result(method: str, pipe, concept: Concept, out: Path, overwrite: bool) -> list:
+    """Write the trained numbers in the formats other tools read; return the paths written."""
+    if method == "lora":
+        from sdlearn.lora import save_lora
+
+        return [save_lora(pipe.unet, out, overwrite=overwrite)]
+    if method == "textual-inversion":
+        from sdlearn.textual_inversion import save_embedding
+
+        return [save_embedding(pipe.tokenizer, pipe.text_encoder, concept.placeholder, out / name, format=fmt, overwrite=overwrite)
+                for name, fmt in zip(outputs(method, concept), ("diffusers", "a1111"))]
+    if method == "dreambooth":
+        pipe.unet.save_pretrained(out / "unet", overwrite=overwrite)
+        return [out / "unet"]
+    if method == "hypernetwork":
+        from sdlearn.hypernetwork import save_hypernetwork
+
+        return [save_hypernetwork(pipe.unet, out / f"{concept.name}.pt", overwrite=overwrite)]
+    raise ValueError(method)
+
+
+def _size(paths) -> int:
+    total = 0
+    for path in paths:
+        path = Path(path)
+        total += sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+    return total
+
+
+SAMPLE_PROMPTS = {  # the grid saved as samples.png: the concept in several colours, sizes and places
+    "star": ("a large red star in the top left", "a large blue star in the center", "a small green star in the bottom right",
+             "a large yellow star on the left", "a small purple star at the bottom", "a large cyan star in the top right"),
+    "sun": ("a <sun> in the top left", "a <sun> in the center", "a <sun> in the bottom right", "a <sun> on the right"),
+}
+
+
+def sample_prompts(concept: Concept, method: str) -> list:
+    prompts = list(SAMPLE_PROMPTS.get(concept.name, ()))
+    if method == "textual-inversion" and concept.name == "star":
+        prompts = [p.replace(" star", f" {concept.placeholder}") for p in prompts]
+    return prompts
+
+
+def personalise(out, config: PersonaliseConfig, base=None, overwrite: bool = False, progress: bool = True):
+    """Train `config.method` on `config.concept` from the base pipeline; save to `out`; return (pipe, record)."""
+    if config.concept not in CONCEPTS:
+        raise ValueError(f"Unknown concept {config.concept!r}; choose one of {', '.join(CONCEPTS)}.")
+    if config.method not in METHODS:
+        raise ValueError(f"Unknown method {config.method!r}; choose one of {', '.join(METHODS)}.")
+    if config.prior_weight > 0 and config.method == "textual-inversion":
+        raise ValueError("Prior preservation protects UNet weights; textual inversion trains none. Use --prior-weight 0.")
+    concept = CONCEPTS[config.concept]
+    out = Path(out)
+    check_out_folder(out, outputs(config.method, concept) + ("training.json",), f"a {config.method} run", overwrite)
+    torch.manual_seed(config.seed)
+    pipe = base_pipeline(base)
+    seconds = {}
+
+    began = time.perf_counter()
+    pixels, prompts = instance_set(concept, config)
+    mean, std = encode_images(pipe.vae, pixels)
+    prior = None
+    prior_prompts = []
+    if config.prior_weight > 0:
+        images, prior_prompts = class_images(pipe, config.n_prior, seed=PRIOR_SEED + config.seed)
+        prior_pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).movedim(1, -1).numpy()
+        prior = dict(zip(("mean", "std"), encode_images(pipe.vae, prior_pixels)))
+    seconds["data"] = time.perf_counter() - began
+
+    model, params = attach(config.method, pipe, concept, config)  # after class_images: the base model drew them
+    table = [""] + sorted(set(prompts) | set(prior_prompts))  # row 0: the empty prompt
+    row = {p: k for k, p in enumerate(table)}
+    with torch.no_grad():
+        token_ids = torch.cat([pipe.tokenizer(table[i:i + 256]) for i in range(0, len(table), 256)])
+        contexts = token_ids if config.method == "textual-inversion" else torch.cat(
+            [pipe.text_encoder(token_ids[i:i + 256]) for i in range(0, len(table), 256)])
+    instance = {"mean": mean, "std": std, "prompt_row": torch.tensor([row[p] for p in prompts])}
+    if prior is not None:
+        prior["prompt_row"] = torch.tensor([row[p] for p in prior_prompts])
+    scheduler = pipe.scheduler_config
+    schedule = NoiseSchedule(**{k: scheduler[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")})
+    loss = DiffusionLoss(schedule, scheduler["prediction_type"], min_snr_gamma=5.0)
+    if prior is not None:
+        loss = PriorPreservationLoss(loss, config.prior_weight)
+    batches = ConceptBatches(instance, prior, contexts, pipe.vae.config.scaling_factor, config.batch_size, config.p_uncond,
+                             schedule.num_train_timesteps, config.seed)
+    trainable = sum(p.numel() for p in params)
+    if config.method == "textual-inversion":
+        trainable = config.num_vectors * pipe.text_encoder.config.hidden_size  # the new rows only
+    history = train(model, loss, batches, steps=config.steps, lr=config.lr, params=params, seed=config.seed,
+                    lr_schedule="cosine", warmup=min(50, config.steps // 10), progress=progress,
+                    desc=f"{config.method}: {concept.name}")
+    seconds["training"] = history.seconds
+    pipe.unet.eval().requires_grad_(False)
+    pipe.text_encoder.eval().requires_grad_(False)
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = save_result(config.method, pipe, concept, out, overwrite)
+    grid = pipe.text_to_image(sample_prompts(concept, config.method), steps=25, guidance_scale=4.0, sampler="ddim", seed=0)
+    image_grid(grid, ncols=len(grid)).save(out / "samples.png")
+    record = {
+        "command": "python -m sdlearn.recipes.personalise " + " ".join(sys.argv[1:]) if __name__ == "__main__" else None,
+        "method": config.method,
+        "concept": concept.name,
+        "placeholder": concept.placeholder if config.method == "textual-inversion" else None,
+        "base_model": f"data/{BASE_MODEL}" if base is None else str(base),
+        "config": {k: v for k, v in asdict(config).items() if k != "extra"},
+        "trained_parameters": trainable,
+        "file_bytes": _size(written),
+        "files": [p.name for p in written],
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "final_loss": sum(history.losses[-50:]) / len(history.losses[-50:]),
+        "torch_threads": torch.get_num_threads(),
+        "cpu": cpu_name(),
+    }
+    write_text(out / "training.json", json.dumps(record, indent=2) + "\n")
+    return pipe, record
+
+
+def read_record(folder) -> dict:
+    """The training.json of a personalise run: which method, concept and base model it holds."""
+    path = Path(folder) / "training.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: --adapter must be a folder written by python -m sdlearn.recipes.personalise "
+                                "(e.g. data/lora-star).")
+    record = json.loads(path.read_text())
+    if record.get("method") not in METHODS or record.get("concept") not in CONCEPTS:
+        raise ValueError(f"{path} records method {record.get('method')!r} and concept {record.get('concept')!r}; "
+                         f"expected one of {', '.join(METHODS)} and of {', '.join(CONCEPTS)}.")
+    return record
+
+
+def load_adapter(pipe, folder, scale: float = 1.0) -> dict:
+    """Apply the run saved in `folder` to `pipe` (in place) the way its method works; return its record.
+
+    lora: sdlearn.lora.load_lora; textual-inversion: load_embedding (the placeholder becomes a
+    word of pipe.tokenizer); dreambooth: the fine-tuned UNet replaces pipe.unet; hypernetwork:
+    sdlearn.hypernetwork.load_hypernetwork. scale: the LoRA scale or the hypernetwork strength.
+    """
+    folder = Path(folder)
+    record = read_record(folder)
+    files = [folder / name for name in record["files"]]
+    method = record["method"]
+    if method == "lora":
+        from sdlearn.lora import load_lora
+
+        load_lora(pipe.unet, files[0], scale=scale)
+    elif method == "textual-inversion":
+        from sdlearn.textual_inversion import load_embedding
+
+        load_embedding(files[0], pipe.tokenizer, pipe.text_encoder, token=record["placeholder"])
+    elif method == "dreambooth":
+        from sdlearn.models.unet import UNet
+
+        pipe.unet = UNet.from_pretrained(files[0]).to(pipe.device, pipe.dtype).eval()
+    else:
+        from sdlearn.hypernetwork import load_hypernetwork
+
+        load_hypernetwork(pipe.unet, files[0], strength=scale)
+    return record
+
+
+def main(argv=None) -> int:
+    parser = ArgumentParser(prog="python -m sdlearn.recipes.personalise", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--method", required=True, choices=METHODS, help="what to train")
+    parser.add_argument("--concept", default=None, choices=sorted(CONCEPTS), help="what to teach (default: star; sun for textual-inversion)")
+    parser.add_argument("--out", required=True, help="the folder to write, e.g. data/lora-star")
+    parser.add_argument("--base", default=None, help="the base pipeline folder (default: data/mini-sd)")
+    parser.add_argument("--steps", type=POSITIVE_INT, default=None, help="training steps")
+    parser.add_argument("--batch-size", type=POSITIVE_INT, default=None, help="concept images per step")
+    parser.add_argument("--lr", type=POSITIVE_FLOAT, default=None, help="peak learning rate")
+    parser.add_argument("--n-images", type=POSITIVE_INT, default=None, help="concept images to train on")
+    parser.add_argument("--prior-weight", type=NON_NEGATIVE_FLOAT, default=None, help="prior preservation weight w (0: none)")
+    parser.add_argument("--n-prior", type=POSITIVE_INT, default=None, help="class images the base model draws for the prior")
+    parser.add_argument("--rank", type=POSITIVE_INT, default=None, help="LoRA rank")
+    parser.add_argument("--num-vectors", type=POSITIVE_INT, default=None, help="textual inversion: vectors per placeholder")
+    parser.add_argument("--seed", type=int, default=None, help="random seed")
+    parser.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = {key: getattr(args, key) for key in ("concept", "steps", "batch_size", "lr", "n_images", "prior_weight",
+                                                     "n_prior", "rank", "num_vectors", "seed") if getattr(args, key) is not None}
+    try:
+        config = PersonaliseConfig.for_method(args.method, **overrides)
+        _, record = personalise(args.out, config, base=args.base, overwrite=args.overwrite, progress=not args.no_progress)
+    except (FileExistsError, FileNotFoundError, ValueError, OSError) as error:
+        print(f"{parser.prog}: error: {one_line(error)}", file=sys.stderr)
+        return 2
+    print(f"{record['method']} taught {record['concept']!r}: {record['trained_parameters']:,} numbers trained in "
+          f"{record['seconds']['training']:.0f} s; {record['file_bytes']:,} bytes written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
