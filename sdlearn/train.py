@@ -33,10 +33,16 @@ DistributedDataParallel, which averages the gradients across processes during ba
 uses `accelerator.backward`, `accelerator.clip_grad_norm_`, `accelerator.accumulate` and
 `accelerator.reduce`. The same script then runs as it is, or launched on several processes:
 
-    python your_script.py                                         one process (CPU or one GPU)
-    accelerate launch --num_processes 2 --cpu your_script.py      2 processes on the CPU (gloo)
-    accelerate launch --num_processes N your_script.py            N GPUs, one process each
-    (python -m torch.distributed.run --nproc_per_node 2 your_script.py works too)
+    python your_script.py                                              one process (CPU or one GPU)
+    python -m torch.distributed.run --nproc_per_node 2 your_script.py  2 processes on the CPU (gloo)
+    accelerate launch --multi_gpu --num_processes 2 your_script.py     the same 2 CPU processes
+    accelerate launch --num_processes N your_script.py                 N GPUs (train(..., device="cuda"))
+
+On a CPU, `accelerate launch --num_processes 2 --cpu your_script.py` starts only ONE process
+(accelerate 1.16 uses its single-process launcher there, unless `accelerate config` set up
+multi-CPU training with mpirun); `--multi_gpu` starts 2 processes through torch.distributed.run
+and, the model being on the CPU, train() makes them talk over gloo. Each process runs the whole
+script, so build the model, the data and the seed the same way in all of them.
 
 The sharding rule. data(step) gives the GLOBAL batch of B examples (a tensor, or a tuple, list
 or dict of tensors whose dim 0 is the batch). With w processes and `accumulation_steps` k,
