@@ -1,12 +1,13 @@
 """A tiny text-conditional UNet trained by sdlearn.train.train(), for tests/test_accelerate.py.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/accelerate_script.py OUT_FOLDER
-    accelerate launch --num_processes 2 --cpu tests/accelerate_script.py OUT_FOLDER
+    accelerate launch --multi_gpu --num_processes 2 tests/accelerate_script.py OUT_FOLDER   (the same, on a CPU)
 
 Every process trains; the main process writes into OUT_FOLDER:
 
     right.pt    the weights after STEPS steps on the global batches of `batches` (BATCH = 8 rows:
                 with 2 processes, rows 0-3 on rank 0 and rows 4-7 on rank 1)
+    resumed.pt  the right run, stopped after step 2 (a checkpoint folder in OUT_FOLDER/state) and resumed
     wrong.pt    the same run, but each process's global batch is rolled by rank * BATCH / 2 rows,
                 so that BOTH processes train on rows 0-3 (a wrong split: rows 4-7 are never seen)
     info.json   the number of processes and the rows each loss call saw
@@ -72,6 +73,7 @@ def run(data=batches, **kwargs) -> tuple:
 
 
 def main(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
     unet, loss = run()
     state = PartialState()  # the processes train() ran in
     rank, processes = state.process_index, state.num_processes
@@ -80,11 +82,15 @@ def main(out: Path) -> None:
         return tuple(x.roll(rank * BATCH // processes, dims=0) for x in batches(step))
 
     wrong, _ = run(rolled)
+    # interrupted after step 2 (an accelerate state folder), then resumed to STEPS
+    folder = out / "state"
+    train(tiny_unet(), CountingLoss(), batches, steps=2, lr=LR, progress=False, checkpoint=folder)
+    resumed, _ = run(checkpoint=folder, resume=True)
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
         torch.save(unet.state_dict(), out / "right.pt")
         torch.save(wrong.state_dict(), out / "wrong.pt")
-        (out / "info.json").write_text(json.dumps({"processes": processes, "backend": torch.distributed.get_backend(), "rows": loss.rows}))
+        torch.save(resumed.state_dict(), out / "resumed.pt")
+        (out / "info.json").write_text(json.dumps({"processes": processes, "backend": torch.distributed.get_backend() if processes > 1 else None, "rows": loss.rows}))
 
 
 if __name__ == "__main__":

@@ -76,6 +76,14 @@ def test_two_processes_equal_one_process(two_processes, reference):
     assert max_difference(right, reference) <= TOLERANCE
 
 
+def test_two_processes_resume_a_folder_checkpoint_exactly(two_processes):
+    right = torch.load(two_processes / "right.pt", weights_only=True)
+    resumed = torch.load(two_processes / "resumed.pt", weights_only=True)
+    assert max_difference(resumed, right) == 0.0
+    assert sorted(p.name for p in (two_processes / "state").glob("random_states_*")) == [
+        "random_states_0.pkl", "random_states_1.pkl"]  # each process's RNG state
+
+
 def test_a_wrong_split_is_caught(two_processes, reference):
     """Both processes on rows 0-3 (rows 4-7 never seen): far outside the tolerance, while the
     weights moved from their initial values by far more than it (the comparison means something)."""
