@@ -10,7 +10,8 @@ Every process trains; the main process writes into OUT_FOLDER:
     resumed.pt  the right run, stopped after step 2 (a checkpoint folder in OUT_FOLDER/state) and resumed
     wrong.pt    the same run, but each process's global batch is rolled by rank * BATCH / 2 rows,
                 so that BOTH processes train on rows 0-3 (a wrong split: rows 4-7 are never seen)
-    info.json   the number of processes and the rows each loss call saw
+    info.json   the number of processes, the rows each loss call saw, and the error train() raised
+                for a loss that bypasses the gradient average (it calls unet.forward)
 
 The test compares these with one process training on the whole batch (the functions below,
 imported by the test, define the same model, data and loss for both).
@@ -86,11 +87,24 @@ def main(out: Path) -> None:
     folder = out / "state"
     train(tiny_unet(), CountingLoss(), batches, steps=2, lr=LR, progress=False, checkpoint=folder)
     resumed, _ = run(checkpoint=folder, resume=True)
+
+    # a loss that calls unet.forward (not unet): no gradient average, train() must stop after step 1
+    class Bypass(CountingLoss):
+        def __call__(self, unet, batch):
+            return super().__call__(unet.forward, batch)
+
+    try:
+        train(tiny_unet(), Bypass(), batches, steps=STEPS, lr=LR, progress=False)
+        bypass_error = None
+    except RuntimeError as e:
+        bypass_error = str(e)
     if rank == 0:
         torch.save(unet.state_dict(), out / "right.pt")
         torch.save(wrong.state_dict(), out / "wrong.pt")
         torch.save(resumed.state_dict(), out / "resumed.pt")
-        (out / "info.json").write_text(json.dumps({"processes": processes, "backend": torch.distributed.get_backend() if processes > 1 else None, "rows": loss.rows}))
+        backend = torch.distributed.get_backend() if processes > 1 else None
+        info = {"processes": processes, "backend": backend, "rows": loss.rows, "bypass_error": bypass_error}
+        (out / "info.json").write_text(json.dumps(info))
 
 
 if __name__ == "__main__":

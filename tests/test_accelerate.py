@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from accelerate_script import BATCH, LR, CountingLoss, batches, run, tiny_unet
-from sdlearn.train import EMALoss, EMATrainee, train
+from sdlearn.train import EMALoss, EMATrainee, shard, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-6  # max abs weight difference allowed between ways of computing the same step
@@ -92,6 +92,12 @@ def test_a_wrong_split_is_caught(two_processes, reference):
     assert max_difference(tiny_unet().state_dict(), reference) > 100 * TOLERANCE
 
 
+def test_a_loss_without_the_gradient_average_is_stopped(two_processes):
+    """A loss calling unet.forward bypasses DistributedDataParallel: the processes' weights part after one step."""
+    error = json.loads((two_processes / "info.json").read_text())["bypass_error"]
+    assert error is not None and "gradients were not averaged" in error and "model(...)" in error
+
+
 def test_accumulation_equals_one_batch(reference):
     unet, loss = run(accumulation_steps=2)
     assert loss.rows == [BATCH // 2] * 6  # two micro-batches per optimizer step
@@ -138,3 +144,13 @@ def test_folder_checkpoint_resumes_exactly(tmp_path):
 def test_uneven_split_is_refused():
     with pytest.raises(ValueError, match=r"batch of 8 examples .* 1 process\(es\) x 3 accumulation"):
         run(accumulation_steps=3)
+
+
+def test_shard_takes_contiguous_rows_of_every_tensor():
+    batch = {"x": torch.arange(8), "pair": (torch.arange(8) * 10, None)}
+    micro = shard(batch, rank=1, processes=2, accumulation_steps=2)  # rows 4-5, then 6-7
+    assert [m["x"].tolist() for m in micro] == [[4, 5], [6, 7]]
+    assert micro[1]["pair"][0].tolist() == [60, 70] and micro[1]["pair"][1] is None
+    assert shard(batch, 0, 1, 1) == [batch]  # one process, no accumulation: the batch as it is
+    with pytest.raises(ValueError, match="same dim 0"):
+        shard((torch.zeros(8), torch.zeros(4)), 0, 2)
