@@ -10,7 +10,7 @@ Every process trains; the main process writes into OUT_FOLDER:
     resumed.pt  the right run, stopped after step 2 (a checkpoint folder in OUT_FOLDER/state) and resumed
     wrong.pt    the same run, but each process's global batch is rolled by rank * BATCH / 2 rows,
                 so that BOTH processes train on rows 0-3 (a wrong split: rows 4-7 are never seen)
-    info.json   the number of processes, the rows each loss call saw, and the error train() raised
+    info.json   the number of processes, the rows each loss call saw, the History's losses, and the error train() raised
                 for a loss that bypasses the gradient average (it calls unet.forward)
 
 The test compares these with one process training on the whole batch (the functions below,
@@ -67,26 +67,26 @@ class CountingLoss(DiffusionLoss):
 
 
 def run(data=batches, **kwargs) -> tuple:
-    """(trained UNet, loss) after STEPS steps on `data`."""
+    """(trained UNet, loss, History) after STEPS steps on `data`."""
     unet, loss = tiny_unet(), CountingLoss()
-    train(unet, loss, data, steps=STEPS, lr=LR, progress=False, **kwargs)
-    return unet, loss
+    history = train(unet, loss, data, steps=STEPS, lr=LR, progress=False, **kwargs)
+    return unet, loss, history
 
 
 def main(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    unet, loss = run()
+    unet, loss, history = run()
     state = PartialState()  # the processes train() ran in
     rank, processes = state.process_index, state.num_processes
 
     def rolled(step):  # the wrong split: rank r's slice of this batch is rows 0-3 for every r
         return tuple(x.roll(rank * BATCH // processes, dims=0) for x in batches(step))
 
-    wrong, _ = run(rolled)
+    wrong, *_ = run(rolled)
     # interrupted after step 2 (an accelerate state folder), then resumed to STEPS
     folder = out / "state"
     train(tiny_unet(), CountingLoss(), batches, steps=2, lr=LR, progress=False, checkpoint=folder)
-    resumed, _ = run(checkpoint=folder, resume=True)
+    resumed, *_ = run(checkpoint=folder, resume=True)
 
     # a loss that calls unet.forward (not unet): no gradient average, train() must stop after step 1
     class Bypass(CountingLoss):
@@ -103,7 +103,8 @@ def main(out: Path) -> None:
         torch.save(wrong.state_dict(), out / "wrong.pt")
         torch.save(resumed.state_dict(), out / "resumed.pt")
         backend = torch.distributed.get_backend() if processes > 1 else None
-        info = {"processes": processes, "backend": backend, "rows": loss.rows, "bypass_error": bypass_error}
+        info = {"processes": processes, "backend": backend, "rows": loss.rows, "losses": history.losses,
+                "bypass_error": bypass_error}
         (out / "info.json").write_text(json.dumps(info))
 
 

@@ -23,7 +23,8 @@ TOLERANCE = 1e-6  # max abs weight difference allowed between ways of computing 
 
 
 def max_difference(a: dict, b: dict) -> float:
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    """The largest absolute difference between two state dicts' weights."""
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a if k != "losses")
 
 
 def free_port() -> int:
@@ -43,10 +44,10 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def reference(one_thread) -> dict:
-    """One process, the whole batch of 8 at each step."""
-    unet, loss = run()
+    """One process, the whole batch of 8 at each step: its weights, and its History's losses under "losses"."""
+    unet, loss, history = run()
     assert loss.rows == [BATCH] * 3
-    return unet.state_dict()
+    return {**unet.state_dict(), "losses": torch.tensor(history.losses)}
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +73,8 @@ def test_two_processes_equal_one_process(two_processes, reference):
     info = json.loads((two_processes / "info.json").read_text())
     assert info["processes"] == 2 and info["backend"] == "gloo"
     assert info["rows"] == [BATCH // 2] * 3  # each process computed its half of the batch
+    # the History's loss: the mean over both processes, i.e. the loss of the whole batch
+    assert torch.tensor(info["losses"]) == pytest.approx(reference["losses"], rel=1e-6)
     right = torch.load(two_processes / "right.pt", weights_only=True)
     assert max_difference(right, reference) <= TOLERANCE
 
@@ -99,14 +102,16 @@ def test_a_loss_without_the_gradient_average_is_stopped(two_processes):
 
 
 def test_accumulation_equals_one_batch(reference):
-    unet, loss = run(accumulation_steps=2)
+    unet, loss, history = run(accumulation_steps=2)
     assert loss.rows == [BATCH // 2] * 6  # two micro-batches per optimizer step
+    assert torch.tensor(history.losses) == pytest.approx(reference["losses"], rel=1e-6)
     assert max_difference(unet.state_dict(), reference) <= TOLERANCE
 
 
 def test_repeated_calls_in_one_process_are_identical(reference):
-    unet, _ = run()
+    unet, _, history = run()
     assert max_difference(unet.state_dict(), reference) == 0.0
+    assert history.losses == reference["losses"].tolist()
 
 
 def test_ema_is_updated_once_per_optimizer_step():
