@@ -23,11 +23,57 @@ steps). A short run must forget faster, so the decay warms up (as diffusers' EMA
     theta_ema <- d_k theta_ema + (1 - d_k) theta,     d_k = min(decay, (1 + k) / (10 + k))
 
 The EMA copy lives inside the module that train() optimises, as frozen parameters, so the
-training checkpoint carries it and a resumed run continues exactly.
+training checkpoint carries it and a resumed run continues exactly. train() folds the weights
+in once per optimizer step, on the unwrapped model (every process holds the same weights).
+
+One loop for one CPU, one GPU, several GPUs or machines: Hugging Face accelerate. train()
+makes an `accelerate.Accelerator` (cpu=True when the model trains on the CPU), hands it the
+model and the optimizer (`accelerator.prepare`: with several processes the model is wrapped in
+DistributedDataParallel, which averages the gradients across processes during backward), and
+uses `accelerator.backward`, `accelerator.clip_grad_norm_`, `accelerator.accumulate` and
+`accelerator.reduce`. The same script then runs as it is, or launched on several processes:
+
+    python your_script.py                                              one process (CPU or one GPU)
+    python -m torch.distributed.run --nproc_per_node 2 your_script.py  2 processes on the CPU (gloo)
+    accelerate launch --multi_gpu --num_processes 2 your_script.py     the same 2 CPU processes
+    accelerate launch --num_processes N your_script.py                 N GPUs (train(..., device="cuda"))
+
+On a CPU, `accelerate launch --num_processes 2 --cpu your_script.py` starts only ONE process
+(accelerate 1.16 uses its single-process launcher there, unless `accelerate config` set up
+multi-CPU training with mpirun); `--multi_gpu` starts 2 processes through torch.distributed.run
+and, the model being on the CPU, train() makes them talk over gloo. Each process runs the whole
+script, so build the model, the data and the seed the same way in all of them.
+
+The sharding rule. data(step) gives the GLOBAL batch of B examples (a tensor, or a tuple, list
+or dict of tensors whose dim 0 is the batch). With w processes and `accumulation_steps` k,
+process r takes the contiguous rows [r B/w, (r+1) B/w) and cuts them into k micro-batches of
+B/(w k) rows; the gradients of the k micro-batches are summed (each loss divided by k), then
+averaged across the w processes, and one optimizer step follows. For a loss that is a mean over
+its batch this is exactly the gradient of the global batch:
+
+    grad (1/B) sum_i l_i  =  (1/w) sum_r (1/k) sum_j grad (1/m) sum_{i in micro-batch (r, j)} l_i,   m = B/(w k)
+
+so 2 processes with a global batch of 8 (4 each) do the maths of 1 process with batch 8, up to
+float rounding, provided all randomness is in the batch (as in mini-SD's LatentBatches, which
+carries t and eps). B must be a multiple of w k. The History's loss per step is the mean over
+all micro-batches and processes. Under several processes loss_fn gets the wrapped model:
+calling it runs DistributedDataParallel's forward (needed for the average); other attributes
+are the model's own. Only the main process prints progress, draws samples and writes checkpoints.
+
+Mixed precision stays sdlearn's own (`precision=`, a bf16 autocast): the Accelerator is made
+with mixed_precision="no". accelerate's state is process-wide, so each train() call clears it
+first and every call behaves the same (tests and notebooks call train() many times).
+
+Checkpoints: a path with a suffix (work/unet.ckpt) is one file (model, optimizer, step, RNG
+state, losses); a path without one (work/unet) is a folder in accelerate's own format
+(`accelerator.save_state`: weights, optimizer, every process's RNG state) plus train_state.json
+(step and losses). Both resume exactly.
 """
 
 import copy
+import json
 import math
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -71,7 +117,14 @@ class History:
 
 
 class EMATrainee(nn.Module):
-    """What train() optimises when an EMA is kept: `model`, and a frozen copy `ema` of its running average."""
+    """What train() optimises when an EMA is kept: `model`, and a frozen copy `ema` of its running average.
+
+    Calling the trainee calls `model` (so a loss that calls it goes through the forward of
+    whatever wraps it: DistributedDataParallel averages gradients there), and any attribute it
+    lacks is `model`'s (a loss may read `unet.config`). train() folds the weights into the
+    average at the start of each optimizer step (`update_ema`): the initial weights first, then
+    those after each step; the caller folds in the last step's weights once training ends.
+    """
 
     def __init__(self, model: nn.Module, decay: float = 0.999):
         super().__init__()
@@ -79,6 +132,17 @@ class EMATrainee(nn.Module):
         self.ema = copy.deepcopy(model).requires_grad_(False)
         self.decay = decay
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)  # parameters, buffers and submodules (model, ema)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
 
     @torch.no_grad()
     def update_ema(self) -> None:
@@ -91,14 +155,18 @@ class EMATrainee(nn.Module):
 
 
 class EMALoss:
-    """loss_fn for an EMATrainee: fold the previous optimizer step's weights into the EMA, then `loss(model, batch)`."""
+    """loss_fn for an EMATrainee: `loss(trainee, batch)`, the trainee standing in for its model.
+
+    The trainee (not trainee.model) is what the loss calls, so under several processes the
+    call goes through DistributedDataParallel's forward. train() updates the average itself,
+    once per optimizer step (also with gradient accumulation, where the loss runs k times a step).
+    """
 
     def __init__(self, loss: Callable):
         self.loss = loss
 
     def __call__(self, trainee: EMATrainee, batch) -> torch.Tensor:
-        trainee.update_ema()
-        return self.loss(trainee.model, batch)
+        return self.loss(trainee, batch)
 
     def __repr__(self) -> str:
         return f"EMALoss({self.loss!r})"
@@ -134,6 +202,103 @@ def _batches(data) -> Callable[[int], Any]:
 
     stream = forever()
     return lambda step: next(stream)
+
+
+def _batch_size(batch) -> int | None:
+    """The size of dim 0 shared by every tensor in `batch` (tensor, tuple, list or dict of them); None without tensors."""
+    sizes = set()
+
+    def visit(b):
+        if isinstance(b, torch.Tensor):
+            sizes.add(b.shape[0] if b.dim() else None)
+        elif isinstance(b, (tuple, list)):
+            for x in b:
+                visit(x)
+        elif isinstance(b, dict):
+            for x in b.values():
+                visit(x)
+
+    visit(batch)
+    if None in sizes or len(sizes) > 1:
+        raise ValueError(
+            f"With several processes or accumulation_steps > 1, train() splits each batch along dim 0, so every "
+            f"tensor in it must have the same dim 0 (the batch); got sizes {sorted(sizes, key=str)}. "
+            "Return per-example tensors only from data(step).")
+    return sizes.pop() if sizes else None
+
+
+def _rows(batch, start: int, stop: int):
+    """Rows [start, stop) of every tensor in `batch` (also inside tuples, lists and dicts); the rest as it is."""
+    if isinstance(batch, torch.Tensor):
+        return batch[start:stop]
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_rows(b, start, stop) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _rows(v, start, stop) for k, v in batch.items()}
+    return batch
+
+
+def shard(batch, rank: int, processes: int, accumulation_steps: int = 1) -> list:
+    """This process's micro-batches of a global batch: the sharding rule of the module docstring.
+
+    Rank r of w processes takes the contiguous rows [r B/w, (r+1) B/w) and cuts them into
+    `accumulation_steps` = k equal micro-batches of B/(w k) rows, in order. Each loss is a mean
+    over its micro-batch, so the mean of the w k losses (and of their gradients) is the mean over
+    the global batch: the same maths as one process with the whole batch.
+    """
+    parts = processes * accumulation_steps
+    if parts == 1:
+        return [batch]
+    size = _batch_size(batch)
+    if size is None or size % parts:
+        raise ValueError(
+            f"A global batch of {size} examples cannot be split evenly across {processes} process(es) x "
+            f"{accumulation_steps} accumulation step(s) = {parts} micro-batches. Make data(step)'s batch size "
+            f"a multiple of {parts}, or change the number of processes or accumulation_steps.")
+    rows = size // parts
+    first = rank * accumulation_steps
+    return [_rows(batch, (first + i) * rows, (first + i + 1) * rows) for i in range(accumulation_steps)]
+
+
+class _DistributedModel:
+    """What loss_fn gets when several processes train: calling it runs DistributedDataParallel's forward
+    (which arranges the gradient average across processes); any other attribute is the model's own."""
+
+    def __init__(self, wrapped: nn.Module, model: nn.Module):
+        self._wrapped, self._model = wrapped, model
+
+    def __call__(self, *args, **kwargs):
+        return self._wrapped(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
+
+
+def _fresh_accelerator(cpu: bool, accumulation_steps: int):
+    """A new Accelerator for one train() call, behaving the same on every call in a process.
+
+    accelerate keeps process-wide singletons (AcceleratorState, GradientState); a second
+    Accelerator asking for other settings would raise or inherit the first run's state, so
+    they are cleared first. PartialState (the processes and their group) is kept when several
+    processes run, and cleared in a single process so that cpu=True/False is honoured.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    AcceleratorState._reset_state(reset_partial_state=not distributed)
+    GradientState._reset_state()
+    # mixed_precision="no": train() keeps its own bf16 autocast (precision=)
+    return Accelerator(cpu=cpu, mixed_precision="no", gradient_accumulation_steps=accumulation_steps,
+                       device_placement=False)
+
+
+def _is_folder_checkpoint(checkpoint: Path) -> bool:
+    """A path without a suffix (work/run) is an accelerate state folder; work/run.ckpt is one file."""
+    return checkpoint.suffix == ""
+
+
+STATE_JSON = "train_state.json"  # in a folder checkpoint, beside accelerate's files: step and losses
 
 
 def _lr_factor(schedule: str | None, step: int, steps: int, warmup: int) -> float:
@@ -250,18 +415,26 @@ def train(
     progress: bool = True,
     desc: str = "training",
     precision: str = "fp32",
+    accumulation_steps: int = 1,
 ) -> History:
     """Train `model` for `steps` optimizer steps on `loss_fn(model, batch)`; return the History.
 
     With `checkpoint` set, the run is saved there at the end (and every `checkpoint_every`
     steps); `resume=True` continues a saved run from its step, so a run interrupted and
     resumed ends exactly where an uninterrupted one would (data order aside, when `data` is
-    an iterable with its own randomness).
+    an iterable with its own randomness). A checkpoint path with a suffix (run.ckpt) is one
+    file; one without (run) is a folder in accelerate's format (save_state / load_state).
+
+    `data` gives the global batch of each step; with w processes and `accumulation_steps` k,
+    each process computes the gradient of k micro-batches of B/(w k) rows (see `shard`) and one
+    optimizer step follows. History.losses holds the mean loss over all of them, per step.
     """
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}.")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}.")
+    if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
+        raise ValueError(f"accumulation_steps must be a whole number of at least 1, got {accumulation_steps!r}.")
     if sample_every is not None and sample_fn is None:
         raise ValueError("sample_every is set but sample_fn is not: pass sample_fn(model, step).")
     checkpoint = Path(checkpoint) if checkpoint is not None else None
@@ -272,6 +445,17 @@ def train(
             f"{checkpoint} already exists. Pass resume=True to continue that run, "
             "or choose another checkpoint path (it is never overwritten by a fresh run)."
         )
+    if resume and not checkpoint.exists():
+        raise FileNotFoundError(f"Cannot resume: {checkpoint} does not exist. Start with resume=False.")
+
+    # The device: the one asked for, else where the model is. Several processes on GPUs: one GPU each.
+    first = next(iter(model.parameters()), None)
+    wanted = torch.device(device) if device is not None else (first.device if first is not None else torch.device("cpu"))
+    accelerator = _fresh_accelerator(cpu=wanted.type == "cpu", accumulation_steps=accumulation_steps)
+    rank, processes = accelerator.process_index, accelerator.num_processes
+    if processes > 1 and wanted.type != "cpu":
+        device = accelerator.device
+    main = accelerator.is_main_process
 
     torch.manual_seed(seed)
     if device is not None:
@@ -282,11 +466,18 @@ def train(
     device_type = params[0].device.type
     # fused: one kernel updates every parameter (about 3x faster than the per-tensor loop on a CPU)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device_type in ("cpu", "cuda"))
+    # One process: `wrapped` is `model` itself. Several: DistributedDataParallel around it.
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    trainee = wrapped if wrapped is model else _DistributedModel(wrapped, model)
+    folder = checkpoint is not None and _is_folder_checkpoint(checkpoint)
     history = History()
     start = 0
-    if resume:
-        if not checkpoint.exists():
-            raise FileNotFoundError(f"Cannot resume: {checkpoint} does not exist. Start with resume=False.")
+    if resume and folder:
+        accelerator.load_state(str(checkpoint))  # weights, optimizer and every process's RNG states
+        state = json.loads((checkpoint / STATE_JSON).read_text())
+        start = int(state["step"])
+        history.losses = list(state["losses"])
+    elif resume:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -297,39 +488,67 @@ def train(
     next_batch = _batches(data)
 
     def save(step: int) -> None:
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        tmp = checkpoint.with_suffix(checkpoint.suffix + ".tmp")
-        torch.save(
-            {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-             "rng": _rng_state(), "losses": history.losses},
-            tmp,
-        )
-        tmp.replace(checkpoint)  # atomic: an interrupted save never leaves half a file
+        if folder:  # every process writes its RNG state; the main process the rest
+            tmp, old = checkpoint.with_name(checkpoint.name + ".tmp"), checkpoint.with_name(checkpoint.name + ".old")
+            if main and tmp.exists():
+                shutil.rmtree(tmp)  # left by an interrupted save
+            accelerator.wait_for_everyone()
+            accelerator.save_state(str(tmp))
+            accelerator.wait_for_everyone()
+            if main:
+                (tmp / STATE_JSON).write_text(json.dumps({"step": step, "losses": history.losses}))
+                if checkpoint.exists():
+                    checkpoint.rename(old)
+                tmp.rename(checkpoint)  # the old folder goes only once the new one is complete
+                if old.exists():
+                    shutil.rmtree(old)
+        elif main:
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            tmp = checkpoint.with_suffix(checkpoint.suffix + ".tmp")
+            torch.save(
+                {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                 "rng": _rng_state(), "losses": history.losses},
+                tmp,
+            )
+            tmp.replace(checkpoint)  # atomic: an interrupted save never leaves half a file
+        accelerator.wait_for_everyone()
 
     model.train()
     precision = resolve_precision(precision, device_type)
-    bar = _Progress(steps, start, desc) if progress else None
+    autocast = dict(device_type=device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    ema = model if isinstance(model, EMATrainee) else None
+    bar = _Progress(steps, start, desc) if progress and main else None
     began = time.perf_counter()
     done = start
     try:
         for step in range(start, steps):
             for group in optimizer.param_groups:
                 group["lr"] = lr * _lr_factor(lr_schedule, step, steps, warmup)
-            batch = move_to(next_batch(step), device)
-            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                loss = loss_fn(model, batch).float()
+            if ema is not None:
+                ema.update_ema()  # fold in the weights of the previous optimizer step
+            optimizer.zero_grad(set_to_none=True)
+            losses = []
+            for micro in shard(next_batch(step), rank, processes, accumulation_steps):
+                # the first k-1 micro-batches skip the all-reduce (no_sync); the k-th averages the sum
+                with accelerator.accumulate(wrapped):
+                    with torch.autocast(**autocast):
+                        loss = loss_fn(trainee, move_to(micro, device)).float()
+                    accelerator.backward(loss)  # gradient of loss / k, added to .grad
+                losses.append(loss.detach())
+            # the step's loss: mean over micro-batches, then over processes (the global batch mean)
+            loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean")
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"The loss became {loss.item()} at step {step}. Try a lower learning rate.")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
             if grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+                accelerator.clip_grad_norm_(params, grad_clip)
             optimizer.step()
             history.losses.append(loss.item())
+            if processes > 1 and step == start:
+                _check_in_step(accelerator, params)
             if bar is not None:
                 bar.update(step, history)
             done = step + 1
-            if sample_every and (done % sample_every == 0 or done == steps):
+            if main and sample_every and (done % sample_every == 0 or done == steps):
                 model.eval()
                 with torch.no_grad():
                     history.samples.append((done, sample_fn(model, done)))
@@ -344,3 +563,16 @@ def train(
     if checkpoint is not None:
         save(steps)
     return history
+
+
+def _check_in_step(accelerator, params) -> None:
+    """After the first step of several processes: their weights must still agree (one checksum each,
+    the sum of squared weights; equal to rounding, as processes on different hardware may round differently)."""
+    checksum = torch.stack([p.detach().double().pow(2).sum() for p in params]).sum().reshape(1)
+    sums = accelerator.gather(checksum)
+    if not torch.allclose(sums, sums[:1].expand_as(sums), rtol=1e-9, atol=0.0):
+        raise RuntimeError(
+            f"After one step the {accelerator.num_processes} processes hold different weights (checksums "
+            f"{sums.tolist()}): their gradients were not averaged. loss_fn must compute the loss by calling "
+            "the model it is given (model(...), its forward); methods like model.encode(...) bypass the "
+            "gradient average of DistributedDataParallel. Train such a model in one process.")
