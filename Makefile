@@ -91,7 +91,7 @@ clean-venv:
 # Lesson 12: teaching mini-SD the star (and textual inversion a word for a large yellow circle).
 # Each run is evaluated by `python -m sdlearn.evaluate concept` (EVAL_ARGS: --n, --small, --original).
 PERSONALISE = $(PY) -m sdlearn.recipes.personalise
-CONCEPT_EVAL = $(PY) -m sdlearn.evaluate concept
+CONCEPT_EVAL = $(PY) -m sdlearn.evaluate --threads 1 concept
 
 train-lora-star: OUT = data/lora-star
 train-lora-star: STEPS = 600

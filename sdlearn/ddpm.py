@@ -334,7 +334,7 @@ class DiffusionLoss:
 
     def weights(self, t: torch.Tensor) -> torch.Tensor | None:
         """The loss weight of each timestep in t (B,), or None for unweighted uniform training."""
-        w = None if self.min_snr_gamma is None else self.schedule.min_snr_weight(t, self.prediction_type, self.min_snr_gamma)
+        w = None if self.min_snr_gamma is None else self.schedule.min_snr_weight(t.cpu(), self.prediction_type, self.min_snr_gamma).to(t.device)
         if self.timestep_probabilities is None:
             return w
         correction = 1.0 / (self.schedule.T * self.timestep_probabilities[t.cpu()].to(t.device))  # importance weight

@@ -304,8 +304,9 @@ def concept_report(pipe, concept, n: int = 100, n_small: int = 0, placeholder: b
                    guidance_scale: float = TEXT_TO_IMAGE_GUIDANCE, seed: int = 0, classifier=None) -> dict:
     """How well a pipeline draws `concept`: faithfulness on n prompts of it at its largest size
     (for the star: "a large <colour> star <position>", every colour and place), on n_small
-    prompts of small ones (if the concept has small ones), and the rate at which its shape is
-    drawn at all (`drawn_rate`: the referee reads the shape asked for)."""
+    prompts of small ones (if the concept has small ones); {"large": ..., "small": ...}, each
+    with the faithfulness table (its "shape" row: how often the concept's shape was drawn)
+    and the clean-and-as-asked rate."""
     large = "large" if "large" in concept.sizes else concept.sizes[-1]
     report = {}
     for label, sizes, count, offset in (("large", (large,), n, 3000), ("small", ("small",), n_small, 4000)):
@@ -478,10 +479,19 @@ def prepare(args) -> dict:
         prepared.update(model=model, pipe=pipe)
     elif args.command == "concept":
         from sdlearn.pipeline.loading import load_pipeline
-        from sdlearn.recipes.personalise import read_record
+        from sdlearn.recipes.personalise import CONCEPTS, read_record
 
         record = read_record(args.adapter)
-        model = args.base if args.base is not None else data_path(Path(record["base_model"]).name, "train-mini-sd")
+        if record.get("images") or record["concept"] not in CONCEPTS:
+            raise ValueError(f"{args.adapter} taught {record['concept']!r}, images of your own; the referee grades only "
+                             f"the renderer's concepts ({', '.join(CONCEPTS)}).")
+        recorded = Path(record["base_model"])  # data/mini-sd, or the --base the run was given
+        if args.base is not None:
+            model = args.base
+        elif recorded.parts[:1] == ("data",):
+            model = data_path(recorded.relative_to("data").as_posix(), "train-mini-sd")
+        else:
+            model = recorded
         prepared.update(model=model, pipe=load_pipeline(model), record=record)
     return prepared
 

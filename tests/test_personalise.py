@@ -57,7 +57,7 @@ def test_each_method_runs_and_its_files_change_the_pipeline(tmp_path, base_image
 def test_textual_inversion_trains_only_the_new_row(tmp_path):
     config = PersonaliseConfig.for_method("textual-inversion", steps=2, n_images=8, batch_size=2, lr=0.05)
     before = load_pipeline(data_dir() / "mini-sd").text_encoder.text_model.embeddings.token_embedding.weight.detach().clone()
-    pipe, record = personalise(tmp_path / "ti", config, progress=False)
+    pipe, record, _ = personalise(tmp_path / "ti", config, progress=False)
     after = pipe.text_encoder.text_model.embeddings.token_embedding.weight.detach()
     assert torch.equal(after[: len(before)], before)  # every old word untouched
     assert record["trained_parameters"] == pipe.text_encoder.config.hidden_size  # one new row
@@ -98,3 +98,44 @@ def test_bad_settings_are_refused_before_training(tmp_path, capsys):
         main(["--method", "full-finetune", "--out", str(tmp_path / "c")])
     with pytest.raises(FileNotFoundError, match="written by python -m sdlearn.recipes.personalise"):
         load_adapter(load_pipeline(data_dir() / "mini-sd"), tmp_path / "nothing-here")
+
+
+def test_your_own_images_folder(tmp_path, capsys):
+    from PIL import Image
+
+    from sdlearn.datasets import render
+
+    folder = tmp_path / "my-subject"
+    folder.mkdir()
+    for i, colour in enumerate(("red", "blue", "green")):  # pictures of any size and shape: centre-cropped and resized
+        render(colour, "star", "large", "center").resize((96, 80)).save(folder / f"{i}.png")
+    (folder / "notes.txt").write_text("not an image")
+    assert main(["--method", "lora", "--images", str(folder), "--prompt", "a photo of sks", "--class-prompt", "a circle",
+                 "--prior-weight", "1", "--n-prior", "2", "--out", str(tmp_path / "out"), "--sample-steps", "2", *TINY]) == 0
+    record = json.loads((tmp_path / "out" / "training.json").read_text())
+    assert record["concept"] is None and record["images"] == {"folder": str(folder), "count": 3}
+    assert record["config"]["prompt"] == "a photo of sks" and "n_images" not in record["config"]
+    from sdlearn import evaluate  # the referee grades the renderer's concepts only, not your pictures
+
+    assert evaluate.main(["concept", "--adapter", str(tmp_path / "out")]) == 2
+    assert "images of your own" in capsys.readouterr().err
+    pipe = load_pipeline(data_dir() / "mini-sd")
+    load_adapter(pipe, tmp_path / "out")  # loads like any other run
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "lora", "--images", "{tmp}"], "--images needs --prompt"),
+    (["--method", "lora", "--images", "{tmp}/missing", "--prompt", "x"], "no such folder"),
+    (["--method", "lora", "--images", "{tmp}", "--prompt", "x"], "holds no"),
+    (["--method", "dreambooth", "--images", "{tmp}", "--prompt", "x", "--prior-weight", "1"], "needs --class-prompt"),
+    (["--method", "textual-inversion", "--images", "{tmp}", "--prompt", "a photo"], "needs --placeholder"),
+    (["--method", "textual-inversion", "--images", "{tmp}", "--prompt", "a <x>", "--placeholder", "<x>"], "needs --initializer"),
+    (["--method", "lora", "--prompt", "a photo"], "only apply to your own images"),
+    (["--method", "lora", "--targets", "to_nothing"], "no linear layer of this UNet"),
+])
+def test_your_own_images_bad_settings(tmp_path, capsys, args, message):
+    args = [a.replace("{tmp}", str(tmp_path / "empty")) for a in args]
+    (tmp_path / "empty").mkdir()
+    assert main([*args, "--out", str(tmp_path / "out"), *TINY]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -40,7 +40,7 @@ shipped folders' evaluation.json holds); data/README.md lists the shipped runs.
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -119,17 +119,27 @@ class PersonaliseConfig:
     prior_weight: float = 0.0  # w of prior preservation; 0: no class images
     n_prior: int = 400  # class images drawn by the base model
     rank: int = 4  # lora
+    targets: tuple = ("to_q", "to_k", "to_v", "to_out.0")  # lora: the linear layers it adapts (sdlearn.lora.TARGETS)
     num_vectors: int = 1  # textual-inversion
     layer_structure: tuple = (1, 2, 1)  # hypernetwork
+    activation: str = "linear"  # hypernetwork: A1111's default; "relu" etc. (sdlearn.hypernetwork)
     seed: int = 0
-    extra: dict = field(default_factory=dict)
+    # your own images instead of a concept of the renderer (e.g. an SD 1.x folder on a GPU)
+    images: str | None = None  # a folder of .png/.jpg/.webp images of one subject
+    prompt: str | None = None  # their prompt, e.g. "a photo of sks dog" (textual inversion: holding the placeholder)
+    class_prompt: str | None = None  # the class images' prompt for the prior, e.g. "a photo of a dog"
+    placeholder: str | None = None  # textual inversion's new word with --images, e.g. "<sks>"
+    initializer: str | None = None  # the word the new rows start from, e.g. "dog"
+    sample_steps: int = 25  # sampler steps of the samples.png grid
+    precision: str = "fp32"  # or "bf16" / "auto" (sdlearn.train: bf16 autocast where the device has it)
+    accumulation_steps: int = 1  # split each step's batch into this many micro-batches (less memory)
 
     @classmethod
     def for_method(cls, method: str, **overrides) -> "PersonaliseConfig":
         defaults = {
             "lora": dict(lr=1e-3),
             "textual-inversion": dict(concept="sun", lr=5e-3),
-            "dreambooth": dict(lr=2e-4, prior_weight=1.0),
+            "dreambooth": dict(lr=2e-4, prior_weight=1.0, batch_size=16),
             "hypernetwork": dict(lr=1e-3),
         }
         if method not in defaults:
@@ -148,17 +158,44 @@ def base_pipeline(folder=None):
 
 @torch.no_grad()
 def encode_images(vae, pixels: np.ndarray, chunk: int = 256) -> tuple:
-    """Posterior mean and std (n, 4, 8, 8) of uint8 images (n, 64, 64, 3)."""
+    """Posterior mean and std (n, 4, H/8, W/8), on the CPU in float32, of uint8 images (n, H, W, 3)."""
+    weight = next(vae.parameters())
+    chunk = chunk if pixels.shape[1] <= 64 else 4  # a real SD autoencoder at 512 px: a few images at a time
     means, stds = [], []
     for i in range(0, len(pixels), chunk):
-        posterior = vae.encode(to_model_range(pixels[i:i + chunk]))
-        means.append(posterior.mean)
-        stds.append(posterior.std)
+        posterior = vae.encode(to_model_range(pixels[i:i + chunk]).to(weight.device, weight.dtype))
+        means.append(posterior.mean.float().cpu())
+        stds.append(posterior.std.float().cpu())
     return torch.cat(means), torch.cat(stds)
 
 
-def instance_set(concept: Concept, config: PersonaliseConfig) -> tuple:
-    """(pixels (n, 64, 64, 3) uint8, prompts): the concept's training images and their partial prompts."""
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def folder_images(folder, size: int) -> np.ndarray:
+    """Every image in `folder`, centre-cropped to a square and resized to size x size: (n, size, size, 3) uint8."""
+    from PIL import Image, ImageOps
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--images {folder}: no such folder; give a folder of .png/.jpg images of your subject.")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise ValueError(f"--images {folder} holds no {'/'.join(IMAGE_SUFFIXES)} file; put 3-20 pictures of your subject there.")
+    pictures = []
+    for path in paths:
+        with Image.open(path) as picture:
+            square = ImageOps.fit(ImageOps.exif_transpose(picture).convert("RGB"), (size, size), Image.Resampling.LANCZOS)
+        pictures.append(np.asarray(square))
+    return np.stack(pictures)
+
+
+def instance_set(concept: Concept, config: PersonaliseConfig, size: int = 64) -> tuple:
+    """(pixels (n, size, size, 3) uint8, prompts): the concept's training images and their prompts
+    (partial prompts of the renderer's scenes, or --prompt for every image of an --images folder)."""
+    if config.images is not None:
+        pixels = folder_images(config.images, size)
+        return pixels, [config.prompt] * len(pixels)
     dataset, keep = concept.images(config.n_images, INSTANCE_SEED)
     rng = np.random.default_rng([INSTANCE_SEED, config.seed])
     ti = config.method == "textual-inversion"
@@ -168,11 +205,13 @@ def instance_set(concept: Concept, config: PersonaliseConfig) -> tuple:
 
 @torch.no_grad()
 def class_images(pipe, n: int, seed: int = PRIOR_SEED, steps: int = 25, guidance_scale: float = 4.0,
-                 batch_size: int = 100) -> tuple:
-    """(images (n, 3, 64, 64) in [-1, 1], prompts): what the base model draws for n prompts of the shapes it knows."""
+                 class_prompt: str | None = None) -> tuple:
+    """(images (n, 3, H, W) in [-1, 1], prompts): what the base model draws for n prompts of the
+    shapes it knows (or n times `class_prompt`, e.g. "a photo of a dog", for your own images)."""
     from sdlearn.evaluate import generate, prompt_set
 
-    prompts, _ = prompt_set(n, "train", seed=seed)
+    prompts = prompt_set(n, "train", seed=seed)[0] if class_prompt is None else [class_prompt] * n
+    batch_size = 100 if pipe.default_size <= 64 else 4
     images = generate(pipe, prompts, "ddim", steps, guidance_scale, seed=seed, batch_size=batch_size)
     return images, prompts
 
@@ -241,7 +280,7 @@ def attach(method: str, pipe, concept: Concept, config: PersonaliseConfig) -> tu
     if method == "lora":
         from sdlearn.lora import add_lora
 
-        return unet, add_lora(unet, rank=config.rank)
+        return unet, add_lora(unet, rank=config.rank, targets=tuple(config.targets))
     if method == "textual-inversion":
         from sdlearn.textual_inversion import add_tokens, trainable_embeddings
 
@@ -253,7 +292,8 @@ def attach(method: str, pipe, concept: Concept, config: PersonaliseConfig) -> tu
     if method == "hypernetwork":
         from sdlearn.hypernetwork import add_hypernetwork
 
-        return unet, add_hypernetwork(unet, layer_structure=tuple(config.layer_structure), name=concept.name)
+        return unet, add_hypernetwork(unet, layer_structure=tuple(config.layer_structure), activation=config.activation,
+                                      name=concept.name)
     raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
 
 
@@ -309,28 +349,71 @@ def sample_prompts(concept: Concept, method: str) -> list:
     return prompts
 
 
-def personalise(out, config: PersonaliseConfig, base=None, overwrite: bool = False, progress: bool = True):
-    """Train `config.method` on `config.concept` from the base pipeline; save to `out`; return (pipe, record)."""
-    if config.concept not in CONCEPTS:
-        raise ValueError(f"Unknown concept {config.concept!r}; choose one of {', '.join(CONCEPTS)}.")
+def check_settings(config: PersonaliseConfig) -> Concept:
+    """The concept to teach, after refusing settings that do not fit together (before any work)."""
     if config.method not in METHODS:
         raise ValueError(f"Unknown method {config.method!r}; choose one of {', '.join(METHODS)}.")
     if config.prior_weight > 0 and config.method == "textual-inversion":
         raise ValueError("Prior preservation protects UNet weights; textual inversion trains none. Use --prior-weight 0.")
-    concept = CONCEPTS[config.concept]
+    from accelerate import PartialState
+
+    processes = PartialState().num_processes
+    if config.batch_size % processes:
+        raise ValueError(f"--batch-size {config.batch_size} does not split over {processes} processes; "
+                         f"use a multiple of {processes} (each process trains on an equal share).")
+    if config.images is None:
+        unused = [flag for flag, value in (("--prompt", config.prompt), ("--class-prompt", config.class_prompt),
+                                           ("--placeholder", config.placeholder), ("--initializer", config.initializer))
+                  if value is not None]
+        if unused:
+            raise ValueError(f"{', '.join(unused)} only apply to your own images (--images); the concept {config.concept!r} "
+                             "brings its own prompts. Leave them out, or add --images FOLDER.")
+        if config.concept not in CONCEPTS:
+            raise ValueError(f"Unknown concept {config.concept!r}; choose one of {', '.join(CONCEPTS)}.")
+        return CONCEPTS[config.concept]
+    if not config.prompt:
+        raise ValueError('--images needs --prompt, the prompt of every image, e.g. --prompt "a photo of sks dog".')
+    if config.prior_weight > 0 and not config.class_prompt:
+        raise ValueError('Prior preservation with --images needs --class-prompt, e.g. --class-prompt "a photo of a dog".')
+    name = Path(config.images).name or "concept"
+    if config.method == "textual-inversion":
+        if not config.placeholder or config.placeholder not in config.prompt:
+            raise ValueError('Textual inversion with --images needs --placeholder, a new word that --prompt uses, '
+                             'e.g. --placeholder "<sks>" --prompt "a photo of <sks>".')
+        if not config.initializer:
+            raise ValueError('Textual inversion with --images needs --initializer, a one-token word the new rows start from, '
+                             'e.g. --initializer dog.')
+        return Concept(name, {}, placeholder=config.placeholder, initializer=config.initializer)
+    return Concept(name, {})
+
+
+def personalise(out, config: PersonaliseConfig, base=None, overwrite: bool = False, progress: bool = True, device=None):
+    """Train `config.method` on `config.concept` (or on the --images folder) from the base pipeline,
+    save to `out`; return (pipe, record, history). Under several processes (accelerate launch)
+    every process trains its share and only the main one writes."""
+    from accelerate import PartialState
+    concept = check_settings(config)
     out = Path(out)
-    check_out_folder(out, outputs(config.method, concept) + ("training.json",), f"a {config.method} run", overwrite)
+    check_out_folder(out, outputs(config.method, concept) + ("training.json", "samples.png"), f"a {config.method} run", overwrite)
     torch.manual_seed(config.seed)
     pipe = base_pipeline(base)
+    if device is not None:
+        pipe.to(device)
+    if config.method == "lora":
+        from sdlearn.lora import LoRAError, _targeted
+
+        if not _targeted(pipe.unet, tuple(config.targets)):
+            raise LoRAError(f"--targets {' '.join(config.targets)}: no linear layer of this UNet is named so; "
+                            "use e.g. to_q to_k to_v to_out.0.")
     seconds = {}
 
     began = time.perf_counter()
-    pixels, prompts = instance_set(concept, config)
+    pixels, prompts = instance_set(concept, config, pipe.default_size)
     mean, std = encode_images(pipe.vae, pixels)
     prior = None
     prior_prompts = []
     if config.prior_weight > 0:
-        images, prior_prompts = class_images(pipe, config.n_prior, seed=PRIOR_SEED + config.seed)
+        images, prior_prompts = class_images(pipe, config.n_prior, seed=PRIOR_SEED + config.seed, class_prompt=config.class_prompt)
         prior_pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).movedim(1, -1).numpy()
         prior = dict(zip(("mean", "std"), encode_images(pipe.vae, prior_pixels)))
     seconds["data"] = time.perf_counter() - began
@@ -341,13 +424,13 @@ def personalise(out, config: PersonaliseConfig, base=None, overwrite: bool = Fal
     with torch.no_grad():
         token_ids = torch.cat([pipe.tokenizer(table[i:i + 256]) for i in range(0, len(table), 256)])
         contexts = token_ids if config.method == "textual-inversion" else torch.cat(
-            [pipe.text_encoder(token_ids[i:i + 256]) for i in range(0, len(table), 256)])
+            [pipe.text_encoder(token_ids[i:i + 256].to(pipe.device)).float().cpu() for i in range(0, len(table), 256)])
     instance = {"mean": mean, "std": std, "prompt_row": torch.tensor([row[p] for p in prompts])}
     if prior is not None:
         prior["prompt_row"] = torch.tensor([row[p] for p in prior_prompts])
     scheduler = pipe.scheduler_config
     schedule = NoiseSchedule(**{k: scheduler[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")})
-    loss = DiffusionLoss(schedule, scheduler["prediction_type"], min_snr_gamma=5.0)
+    loss = DiffusionLoss(schedule, scheduler.get("prediction_type", "epsilon"), min_snr_gamma=5.0)
     if prior is not None:
         loss = PriorPreservationLoss(loss, config.prior_weight)
     batches = ConceptBatches(instance, prior, contexts, pipe.vae.config.scaling_factor, config.batch_size, config.p_uncond,
@@ -357,22 +440,27 @@ def personalise(out, config: PersonaliseConfig, base=None, overwrite: bool = Fal
         trainable = config.num_vectors * pipe.text_encoder.config.hidden_size  # the new rows only
     history = train(model, loss, batches, steps=config.steps, lr=config.lr, params=params, seed=config.seed,
                     lr_schedule="cosine", warmup=min(50, config.steps // 10), progress=progress,
-                    desc=f"{config.method}: {concept.name}")
+                    desc=f"{config.method}: {concept.name}", device=pipe.device,
+                    precision=config.precision, accumulation_steps=config.accumulation_steps)
     seconds["training"] = history.seconds
     pipe.unet.eval().requires_grad_(False)
     pipe.text_encoder.eval().requires_grad_(False)
+    if not PartialState().is_main_process:
+        return pipe, None, history
 
     out.mkdir(parents=True, exist_ok=True)
     written = save_result(config.method, pipe, concept, out, overwrite)
-    grid = pipe.text_to_image(sample_prompts(concept, config.method), steps=25, guidance_scale=4.0, sampler="ddim", seed=0)
+    prompts_shown = sample_prompts(concept, config.method) if config.images is None else [config.prompt] * 4
+    grid = pipe.text_to_image(prompts_shown, steps=config.sample_steps, guidance_scale=4.0, sampler="ddim", seed=0)
     image_grid(grid, ncols=len(grid)).save(out / "samples.png")
     record = {
         "command": "python -m sdlearn.recipes.personalise " + " ".join(sys.argv[1:]) if __name__ == "__main__" else None,
         "method": config.method,
-        "concept": concept.name,
+        "concept": concept.name if config.images is None else None,
+        "images": None if config.images is None else {"folder": str(config.images), "count": len(pixels)},
         "placeholder": concept.placeholder if config.method == "textual-inversion" else None,
         "base_model": f"data/{BASE_MODEL}" if base is None else str(base),
-        "config": {k: v for k, v in asdict(config).items() if k != "extra"},
+        "config": {k: v for k, v in asdict(config).items() if v is not None and not (config.images and k in ("concept", "n_images"))},
         "trained_parameters": trainable,
         "file_bytes": _size(written),
         "files": [p.name for p in written],
@@ -380,9 +468,11 @@ def personalise(out, config: PersonaliseConfig, base=None, overwrite: bool = Fal
         "final_loss": sum(history.losses[-50:]) / len(history.losses[-50:]),
         "torch_threads": torch.get_num_threads(),
         "cpu": cpu_name(),
+        "device": torch.cuda.get_device_name(pipe.device) if pipe.device.type == "cuda" else str(pipe.device),
+        "processes": PartialState().num_processes,
     }
     write_text(out / "training.json", json.dumps(record, indent=2) + "\n")
-    return pipe, record
+    return pipe, record, history
 
 
 def read_record(folder) -> dict:
@@ -392,9 +482,13 @@ def read_record(folder) -> dict:
         raise FileNotFoundError(f"{path} is missing: --adapter must be a folder written by python -m sdlearn.recipes.personalise "
                                 "(e.g. data/lora-star).")
     record = json.loads(path.read_text())
-    if record.get("method") not in METHODS or record.get("concept") not in CONCEPTS:
-        raise ValueError(f"{path} records method {record.get('method')!r} and concept {record.get('concept')!r}; "
-                         f"expected one of {', '.join(METHODS)} and of {', '.join(CONCEPTS)}.")
+    if record.get("method") not in METHODS or not record.get("files"):
+        raise ValueError(f"{path} records method {record.get('method')!r} and files {record.get('files')!r}; "
+                         f"expected one of {', '.join(METHODS)} and the files the run wrote.")
+    missing = [name for name in record["files"] if not (Path(folder) / name).exists()]
+    if missing:
+        how = " (`make train-dreambooth-star` remakes the fine-tuned UNets, which are not shipped)" if record["method"] == "dreambooth" else ""
+        raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}, which its training.json lists{how}.")
     return record
 
 
@@ -441,8 +535,20 @@ def main(argv=None) -> int:
     parser.add_argument("--prior-weight", type=NON_NEGATIVE_FLOAT, default=None, help="prior preservation weight w (0: none)")
     parser.add_argument("--n-prior", type=POSITIVE_INT, default=None, help="class images the base model draws for the prior")
     parser.add_argument("--rank", type=POSITIVE_INT, default=None, help="LoRA rank")
+    parser.add_argument("--targets", nargs="+", default=None, help="LoRA: the layers it adapts (default: to_q to_k to_v to_out.0; "
+                        "add ff.net.0.proj ff.net.2 for the feed-forward layers)")
+    parser.add_argument("--activation", default=None, help="hypernetwork: the MLP's activation (default linear, A1111's; or relu, ...)")
     parser.add_argument("--num-vectors", type=POSITIVE_INT, default=None, help="textual inversion: vectors per placeholder")
     parser.add_argument("--seed", type=int, default=None, help="random seed")
+    parser.add_argument("--images", default=None, help="a folder of pictures of your own subject (instead of --concept)")
+    parser.add_argument("--prompt", default=None, help='with --images: their prompt, e.g. "a photo of sks dog"')
+    parser.add_argument("--class-prompt", default=None, help='with --images and --prior-weight: e.g. "a photo of a dog"')
+    parser.add_argument("--placeholder", default=None, help='textual inversion with --images: the new word, e.g. "<sks>"')
+    parser.add_argument("--initializer", default=None, help="textual inversion with --images: the word it starts from, e.g. dog")
+    parser.add_argument("--precision", default=None, choices=("fp32", "bf16", "auto"), help="training precision (default fp32)")
+    parser.add_argument("--accumulation-steps", type=POSITIVE_INT, default=None, help="micro-batches per step (less memory)")
+    parser.add_argument("--sample-steps", type=POSITIVE_INT, default=None, help="sampler steps of samples.png (default 25)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: this process's GPU if there is one, else cpu)")
     parser.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -450,13 +556,23 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = {key: getattr(args, key) for key in ("concept", "steps", "batch_size", "lr", "n_images", "prior_weight",
-                                                     "n_prior", "rank", "num_vectors", "seed") if getattr(args, key) is not None}
+                                                     "n_prior", "rank", "targets", "activation", "num_vectors", "seed", "images", "prompt",
+                                                     "class_prompt", "placeholder", "initializer", "sample_steps",
+                                                     "precision", "accumulation_steps")
+                 if getattr(args, key) is not None}
+    from accelerate import PartialState
+
+    # under accelerate launch: this process's own GPU (cuda:LOCAL_RANK), never every process on cuda:0
+    device = PartialState().device if args.device in (None, "cuda") else args.device
     try:
         config = PersonaliseConfig.for_method(args.method, **overrides)
-        _, record = personalise(args.out, config, base=args.base, overwrite=args.overwrite, progress=not args.no_progress)
+        _, record, _ = personalise(args.out, config, base=args.base, overwrite=args.overwrite, progress=not args.no_progress,
+                                   device=device)
     except (FileExistsError, FileNotFoundError, ValueError, OSError) as error:
         print(f"{parser.prog}: error: {one_line(error)}", file=sys.stderr)
         return 2
+    if record is None:  # not the main process of several
+        return 0
     print(f"{record['method']} taught {record['concept']!r}: {record['trained_parameters']:,} numbers trained in "
           f"{record['seconds']['training']:.0f} s; {record['file_bytes']:,} bytes written to {args.out}")
     return 0
