@@ -132,6 +132,10 @@ def random_sd15(seed: int = 0) -> StableDiffusion:
                            tokenizer)
 
 
+BUDGET_SECONDS = 120  # a lesson's run on a 2-core CPU
+LONGER_BUDGETS = {"12_personalisation.ipynb": 180}  # four short training runs: three minutes
+
+
 @dataclass
 class LessonTime:
     """How long one lesson's cells ran when its saved outputs were made (from the notebook's metadata)."""
@@ -140,6 +144,11 @@ class LessonTime:
     seconds: float  # the sum of its cells' times (nbclient's per-cell start and end)
     cpu: str | None  # the CPU that ran it, where tools/execute_notebooks.py recorded it
     native_bf16: bool | None
+
+    @property
+    def budget(self) -> int:
+        """The seconds this lesson is allowed (BUDGET_SECONDS, or its entry in LONGER_BUDGETS)."""
+        return LONGER_BUDGETS.get(self.name, BUDGET_SECONDS)
 
 
 def _cell_seconds(cell: dict) -> float:
