@@ -100,19 +100,19 @@ train-lora-star: $(INSTALL)
 	$(CONCEPT_EVAL) --adapter $(OUT) $(EVAL_ARGS) --json $(OUT)/evaluation.json
 
 train-ti-sun: OUT = data/ti-sun
-train-ti-sun: STEPS = 400
+train-ti-sun: STEPS = 800
 train-ti-sun: $(INSTALL)
 	$(PERSONALISE) --method textual-inversion --concept sun --out $(OUT) --steps $(STEPS) --threads 1 $(ARGS) $(if $(OVERWRITE),--overwrite)
 	$(CONCEPT_EVAL) --adapter $(OUT) $(EVAL_ARGS) --json $(OUT)/evaluation.json
 
 train-ti-star: OUT = data/ti-star
-train-ti-star: STEPS = 400
+train-ti-star: STEPS = 800
 train-ti-star: $(INSTALL)
 	$(PERSONALISE) --method textual-inversion --concept star --out $(OUT) --steps $(STEPS) --threads 1 $(ARGS) $(if $(OVERWRITE),--overwrite)
 	$(CONCEPT_EVAL) --adapter $(OUT) $(EVAL_ARGS) --json $(OUT)/evaluation.json
 
 train-hypernetwork-star: OUT = data/hypernetwork-star
-train-hypernetwork-star: STEPS = 600
+train-hypernetwork-star: STEPS = 800
 train-hypernetwork-star: $(INSTALL)
 	$(PERSONALISE) --method hypernetwork --concept star --out $(OUT) --steps $(STEPS) --threads 1 $(ARGS) $(if $(OVERWRITE),--overwrite)
 	$(CONCEPT_EVAL) --adapter $(OUT) $(EVAL_ARGS) --json $(OUT)/evaluation.json

@@ -32,12 +32,17 @@ TINY = {
                    "ARGS": "--batch-size 4 --train-images 32 --channels 8 8 8 --eval-samples 0 --no-progress"},
     "train-mini-sd": {"STEPS": "2", "SAMPLES": "2", "HELDOUT": "1", "EVAL_ARGS": "--steps 2", "ARGS": "--smoke --no-progress"},
 }
+# Lesson 12's runs: a learning rate large enough that two steps visibly change the image.
+PERSONALISE_ARGS = "--n-images 8 --batch-size 2 --n-prior 2 --sample-steps 2 --lr 0.05 --no-progress"
+for _target in ("train-lora-star", "train-ti-sun", "train-ti-star", "train-hypernetwork-star", "train-dreambooth-star"):
+    TINY[_target] = {"STEPS": "2", "ARGS": PERSONALISE_ARGS, "EVAL_ARGS": "--n 2 --small 1 --original 2 --steps 2"}
 
 # Commands run elsewhere in the suite, and the test that runs each.
 COVERED = {
     ("evaluate", "classifier"): "tests/test_commands.py::test_make_target[train-classifier]",
     ("evaluate", "ddpm"): "tests/test_commands.py::test_make_target[train-ddpm]",
     ("evaluate", "text-to-image"): "tests/test_commands.py::test_make_target[train-mini-sd]",
+    ("evaluate", "concept"): "tests/test_commands.py::test_make_target[train-lora-star]",
     ("sdlearn", "generate"): "tests/test_cli.py::test_python_dash_m_sdlearn",
 }
 
@@ -108,8 +113,35 @@ def check_output(target: str, out: Path, stdout: str) -> None:
             assert row["train_pairs_clean_and_asked"]["accuracy"] <= row["train_pairs"]["all"]["accuracy"]
             assert 0 <= row["judges_agree"]["all"] <= 1
         assert "clean+asked" in stdout and "render-matching judge" in stdout
+    elif target in ("train-lora-star", "train-ti-sun", "train-ti-star", "train-hypernetwork-star"):
+        check_personalise_run(out, {"train-lora-star": "lora", "train-hypernetwork-star": "hypernetwork"}.get(target, "textual-inversion"))
+    elif target == "train-dreambooth-star":
+        for variant in ("with-prior", "without-prior"):
+            check_personalise_run(out / variant, "dreambooth")
     else:
         pytest.fail(f"no check written for {target}: add one to check_output and TINY")
+
+
+def check_personalise_run(out: Path, method: str) -> None:
+    """A lesson-12 run: its record, its evaluation, and files that load back and change mini-SD's image."""
+    from sdlearn.datasets import data_dir
+    from sdlearn.pipeline import load_pipeline
+    from sdlearn.recipes.personalise import load_adapter
+
+    record = json.loads((out / "training.json").read_text())
+    assert record["method"] == method and record["config"]["steps"] == 2 and record["trained_parameters"] > 0
+    assert record["file_bytes"] > 0 and (out / "samples.png").is_file()
+    report = json.loads((out / "evaluation.json").read_text())
+    assert report["n"] == 2 and report["original"] == 2 and f"--adapter {out}" in report["command"]
+    assert report["method"] == method and set(report["adapted"]) == {"concept", "original"}
+    assert report["base"]["original"]["faithfulness"]["all"]["total"] == 2
+    placeholder = record["placeholder"]
+    prompt = f"a {placeholder} in the top left" if placeholder else "a large red star in the top left"
+    draw = lambda pipe, p: pipe.text_to_image([p], steps=3, guidance_scale=4.0, sampler="ddim", seed=0, output_type="tensor")  # noqa: E731
+    base = draw(load_pipeline(data_dir() / "mini-sd"), prompt.replace(placeholder, "circle") if placeholder else prompt)
+    pipe = load_pipeline(data_dir() / "mini-sd")
+    load_adapter(pipe, out)
+    assert (draw(pipe, prompt) - base).abs().max() > 1e-3, f"{method}: the trained file does not change the image"
 
 
 @pytest.mark.skipif(MAKE is None, reason="needs make")

@@ -1,6 +1,7 @@
-"""The personalise recipe (sdlearn.recipes.personalise): each method runs end to end at a tiny
-size, writes files that load back and change the pipeline, and bad settings are refused first.
-The shipped runs' figures are compared with their READMEs in tests/test_records.py."""
+"""The personalise recipe (sdlearn.recipes.personalise): batches, prompts, your own image folders,
+two processes, and bad settings refused first. Each method's make target runs end to end (and its
+files load back and change the image) in tests/test_commands.py; the shipped runs' figures are
+compared with their READMEs in tests/test_records.py."""
 
 import json
 
@@ -19,39 +20,7 @@ from sdlearn.recipes.personalise import (
     personalise,
 )
 
-TINY = ["--steps", "2", "--n-images", "8", "--batch-size", "2", "--no-progress"]
-PROMPT = "a large red star in the top left"
-
-
-def image(pipe, prompt=PROMPT):
-    return pipe.text_to_image([prompt], steps=4, guidance_scale=4.0, sampler="ddim", seed=0, output_type="tensor")
-
-
-@pytest.fixture(scope="module")
-def base_image():
-    return image(load_pipeline(data_dir() / "mini-sd"))
-
-
-@pytest.mark.parametrize("method, extra, files", [
-    ("lora", [], ["pytorch_lora_weights.safetensors"]),
-    ("textual-inversion", ["--concept", "star"], ["learned_embeds.safetensors", "star.safetensors"]),
-    ("dreambooth", ["--prior-weight", "1", "--n-prior", "4"], ["unet"]),
-    ("hypernetwork", [], ["star.pt"]),
-])
-def test_each_method_runs_and_its_files_change_the_pipeline(tmp_path, base_image, method, extra, files, capsys):
-    out = tmp_path / method
-    # a learning rate large enough that two steps visibly move the trained numbers
-    assert main(["--method", method, "--out", str(out), "--lr", "0.05", *TINY, *extra]) == 0
-    assert "numbers trained" in capsys.readouterr().out
-    record = json.loads((out / "training.json").read_text())
-    assert record["method"] == method and record["files"] == files and record["file_bytes"] > 0
-    assert record["trained_parameters"] > 0 and record["seconds"]["training"] >= 0
-    assert (out / "samples.png").is_file()
-    pipe = load_pipeline(data_dir() / "mini-sd")
-    load_adapter(pipe, out)
-    prompt = PROMPT.replace("star", "<star>") if method == "textual-inversion" else PROMPT
-    changed = image(pipe, prompt)
-    assert (changed - base_image).abs().max() > 1e-3, f"{method}: the trained file did not change the image"
+TINY = ["--steps", "2", "--n-images", "8", "--batch-size", "2", "--sample-steps", "2", "--no-progress"]
 
 
 def test_textual_inversion_trains_only_the_new_row(tmp_path):
@@ -111,7 +80,7 @@ def test_your_own_images_folder(tmp_path, capsys):
         render(colour, "star", "large", "center").resize((96, 80)).save(folder / f"{i}.png")
     (folder / "notes.txt").write_text("not an image")
     assert main(["--method", "lora", "--images", str(folder), "--prompt", "a photo of sks", "--class-prompt", "a circle",
-                 "--prior-weight", "1", "--n-prior", "2", "--out", str(tmp_path / "out"), "--sample-steps", "2", *TINY]) == 0
+                 "--prior-weight", "1", "--n-prior", "2", "--out", str(tmp_path / "out"), *TINY]) == 0
     record = json.loads((tmp_path / "out" / "training.json").read_text())
     assert record["concept"] is None and record["images"] == {"folder": str(folder), "count": 3}
     assert record["config"]["prompt"] == "a photo of sks" and "n_images" not in record["config"]
@@ -139,3 +108,24 @@ def test_your_own_images_bad_settings(tmp_path, capsys, args, message):
     assert main([*args, "--out", str(tmp_path / "out"), *TINY]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_two_processes_train_and_only_the_first_writes(tmp_path):
+    """The recipe as `accelerate launch` / torch.distributed.run starts it: 2 CPU processes (gloo)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_accelerate import ROOT, free_port
+
+    out = tmp_path / "two"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), "-m", "sdlearn.recipes.personalise", "--method", "lora", "--out", str(out),
+               "--prior-weight", "1", "--n-prior", "4", *TINY]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    record = json.loads((out / "training.json").read_text())
+    assert record["processes"] == 2 and record["device"] == "cpu"
+    assert done.stdout.count("numbers trained") == 1  # one process reports and writes
+    load_adapter(load_pipeline(data_dir() / "mini-sd"), out)

@@ -38,6 +38,7 @@ shipped folders' evaluation.json holds); data/README.md lists the shipped runs.
 """
 
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -136,11 +137,11 @@ class PersonaliseConfig:
 
     @classmethod
     def for_method(cls, method: str, **overrides) -> "PersonaliseConfig":
-        defaults = {
-            "lora": dict(lr=1e-3),
-            "textual-inversion": dict(concept="sun", lr=5e-3),
+        defaults = {  # the shipped runs' settings (data/README.md); each found by a few runs, see the folders' READMEs
+            "lora": dict(rank=8, lr=2e-3, batch_size=16, prior_weight=1.0),
+            "textual-inversion": dict(concept="sun", lr=1e-2),
             "dreambooth": dict(lr=2e-4, prior_weight=1.0, batch_size=16),
-            "hypernetwork": dict(lr=1e-3),
+            "hypernetwork": dict(lr=3e-3, prior_weight=1.0, batch_size=16),
         }
         if method not in defaults:
             raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
@@ -349,15 +350,23 @@ def sample_prompts(concept: Concept, method: str) -> list:
     return prompts
 
 
+def process_rank() -> int:
+    """This process's rank among those `accelerate launch` / torch.distributed.run started (0 when alone)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def process_count() -> int:
+    """How many processes train together (WORLD_SIZE, set by the launcher; 1 when alone)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def check_settings(config: PersonaliseConfig) -> Concept:
     """The concept to teach, after refusing settings that do not fit together (before any work)."""
     if config.method not in METHODS:
         raise ValueError(f"Unknown method {config.method!r}; choose one of {', '.join(METHODS)}.")
     if config.prior_weight > 0 and config.method == "textual-inversion":
         raise ValueError("Prior preservation protects UNet weights; textual inversion trains none. Use --prior-weight 0.")
-    from accelerate import PartialState
-
-    processes = PartialState().num_processes
+    processes = process_count()
     if config.batch_size % processes:
         raise ValueError(f"--batch-size {config.batch_size} does not split over {processes} processes; "
                          f"use a multiple of {processes} (each process trains on an equal share).")
@@ -391,7 +400,6 @@ def personalise(out, config: PersonaliseConfig, base=None, overwrite: bool = Fal
     """Train `config.method` on `config.concept` (or on the --images folder) from the base pipeline,
     save to `out`; return (pipe, record, history). Under several processes (accelerate launch)
     every process trains its share and only the main one writes."""
-    from accelerate import PartialState
     concept = check_settings(config)
     out = Path(out)
     check_out_folder(out, outputs(config.method, concept) + ("training.json", "samples.png"), f"a {config.method} run", overwrite)
@@ -445,7 +453,7 @@ def personalise(out, config: PersonaliseConfig, base=None, overwrite: bool = Fal
     seconds["training"] = history.seconds
     pipe.unet.eval().requires_grad_(False)
     pipe.text_encoder.eval().requires_grad_(False)
-    if not PartialState().is_main_process:
+    if process_rank() != 0:
         return pipe, None, history
 
     out.mkdir(parents=True, exist_ok=True)
@@ -469,7 +477,7 @@ def personalise(out, config: PersonaliseConfig, base=None, overwrite: bool = Fal
         "torch_threads": torch.get_num_threads(),
         "cpu": cpu_name(),
         "device": torch.cuda.get_device_name(pipe.device) if pipe.device.type == "cuda" else str(pipe.device),
-        "processes": PartialState().num_processes,
+        "processes": process_count(),
     }
     write_text(out / "training.json", json.dumps(record, indent=2) + "\n")
     return pipe, record, history
