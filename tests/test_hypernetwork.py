@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from sdlearn.datasets import data_path
 from sdlearn.hypernetwork import (
     Hypernetwork,
     HypernetworkError,
@@ -27,28 +26,12 @@ from sdlearn.hypernetwork import (
     save_hypernetwork,
     set_strength,
 )
-from sdlearn.unet import UNet
 
 TOL = 1e-5
 CONFIG = {"layer_structure": (1, 2, 1), "activation": "relu", "layer_norm": True}  # keys linear.0, .2, .3, .4
 
 
-@pytest.fixture(scope="module")
-def folder():
-    return data_path("mini-sd", "train-mini-sd")
-
-
-@pytest.fixture(scope="module")
-def inputs():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, 8, 8, generator=g)
-    t = torch.tensor([10, 500])
-    context = torch.randn(2, 8, 64, generator=g)
-    return x, t, context
-
-
-def sd_unet(folder) -> UNet:
-    return UNet.from_pretrained(folder / "unet").eval()
+from tests.test_lora import folder, inputs, sd_unet  # noqa: E402,F401 (the shipped mini-SD UNet and its inputs, shared fixtures)
 
 
 def randomise(unet, seed=1, std=0.2):
