@@ -2,8 +2,8 @@
 
 The READMEs (README.md, data/README.md, data/<model>/README.md) quote measurements: rates (%),
 times (s, ms, min), PSNR (dB), step and parameter counts. Each is parsed and must equal, to
-the digits it shows, a number in the JSON records it is about: data/<model>/*.json for
-data/<model>/README.md, every data/*/*.json for data/README.md and README.md. A section headed
+the digits it shows, a number in the JSON records it is about: data/<model>/*.json (and data/<model>/<run>/*.json) for
+data/<model>/README.md, every such record for data/README.md and README.md. A section headed
 "## Experiments" holds runs that are not the shipped model and have no record; it is skipped,
 as are the few figures in FREE (each with the reason it is not a measurement of a model).
 
@@ -38,9 +38,11 @@ def readmes() -> list:
 
 
 def records_for(readme: Path) -> list:
-    if readme.parent != DATA and readme.parent.parent == DATA:
-        return sorted(readme.parent.glob("*.json"))
-    return sorted(DATA.glob("*/*.json"))
+    """A model's own records (data/<model>/*.json, and those of its runs, data/<model>/<run>/*.json, as
+    data/dreambooth-star/with-prior/), or every model's for the READMEs about them all."""
+    folder = readme.parent if readme.parent != DATA and readme.parent.parent == DATA else DATA / "*"
+    return sorted(set(folder.parent.glob(f"{folder.name}/*.json")) | set(folder.parent.glob(f"{folder.name}/*/training.json"))
+                  | set(folder.parent.glob(f"{folder.name}/*/evaluation.json")))
 
 
 def shipped_part(text: str) -> str:
@@ -185,3 +187,4 @@ def test_readme_benchmark_is_the_bench_record():
     assert f"{row['operator_calls']['sdlearn']:,} operator calls per forward pass against {row['operator_calls']['diffusers']:,}" in quoted
     assert f"max |diff| {row['max_abs_diff']:g}" in quoted
     assert record["cpu"] in quoted and record["command"].removeprefix("python -m ") in quoted
+
