@@ -173,6 +173,14 @@ def test_make_targets_default_to_the_shipped_runs():
     assert ("sdlearn.evaluate text-to-image --model data/mini-sd --samplers ddim euler dpmpp_2m --n 200 --heldout 100"
             in lines)
     assert "sdlearn.bench unet --repeats 31 --count-ops --json data/bench/unet-cpu.json" in lines
+    for method, concept, out, steps in (("lora", "star", "data/lora-star", 1500), ("textual-inversion", "sun", "data/ti-sun", 800),
+                                        ("textual-inversion", "star", "data/ti-star", 800),
+                                        ("hypernetwork", "star", "data/hypernetwork-star", 800)):
+        assert f"sdlearn.recipes.personalise --method {method} --concept {concept} --out {out} --steps {steps}" in lines
+        assert f"sdlearn.evaluate --threads 1 concept --adapter {out}  --json {out}/evaluation.json" in lines
+    for variant, weight in (("with-prior", 1), ("without-prior", 0)):
+        assert (f"sdlearn.recipes.personalise --method dreambooth --concept star --prior-weight {weight} "
+                f"--out data/dreambooth-star/{variant} --steps 400") in lines
 
 
 def test_every_command_is_covered(capsys):
