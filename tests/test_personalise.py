@@ -94,8 +94,9 @@ def test_your_own_images_folder(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--method", "lora", "--images", "{tmp}"], "--images needs --prompt"),
-    (["--method", "lora", "--images", "{tmp}/missing", "--prompt", "x"], "no such folder"),
-    (["--method", "lora", "--images", "{tmp}", "--prompt", "x"], "holds no"),
+    (["--method", "lora", "--images", "{tmp}", "--prompt", "x"], "or train without it: --prior-weight 0"),
+    (["--method", "lora", "--images", "{tmp}/missing", "--prompt", "x", "--prior-weight", "0"], "no such folder"),
+    (["--method", "lora", "--images", "{tmp}", "--prompt", "x", "--prior-weight", "0"], "holds no"),
     (["--method", "dreambooth", "--images", "{tmp}", "--prompt", "x", "--prior-weight", "1"], "needs --class-prompt"),
     (["--method", "textual-inversion", "--images", "{tmp}", "--prompt", "a photo"], "needs --placeholder"),
     (["--method", "textual-inversion", "--images", "{tmp}", "--prompt", "a <x>", "--placeholder", "<x>"], "needs --initializer"),

@@ -138,7 +138,8 @@ class PersonaliseConfig:
     @classmethod
     def for_method(cls, method: str, **overrides) -> "PersonaliseConfig":
         defaults = {  # the shipped runs' settings (data/README.md); each found by a few runs, see the folders' READMEs
-            "lora": dict(rank=8, lr=2e-3, batch_size=16, prior_weight=1.0),
+            "lora": dict(rank=8, lr=2e-3, batch_size=16, prior_weight=2.0,
+                         targets=("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")),
             "textual-inversion": dict(concept="sun", lr=1e-2),
             "dreambooth": dict(lr=2e-4, prior_weight=1.0, batch_size=16),
             "hypernetwork": dict(lr=3e-3, prior_weight=1.0, batch_size=16),
@@ -383,7 +384,8 @@ def check_settings(config: PersonaliseConfig) -> Concept:
     if not config.prompt:
         raise ValueError('--images needs --prompt, the prompt of every image, e.g. --prompt "a photo of sks dog".')
     if config.prior_weight > 0 and not config.class_prompt:
-        raise ValueError('Prior preservation with --images needs --class-prompt, e.g. --class-prompt "a photo of a dog".')
+        raise ValueError(f'Prior preservation (--prior-weight {config.prior_weight:g}, the {config.method} default) with --images '
+                         'needs --class-prompt, e.g. --class-prompt "a photo of a dog"; or train without it: --prior-weight 0.')
     name = Path(config.images).name or "concept"
     if config.method == "textual-inversion":
         if not config.placeholder or config.placeholder not in config.prompt:
