@@ -166,3 +166,33 @@ def embeddings(folder, tmp_path_factory):
 def test_embedding_file_gives_the_same_image_in_diffusers(embeddings, kind):
     ours, theirs, base = (images[kind] for images in embeddings)
     compare(ours, theirs, base, f"embedding ({kind})")
+
+
+# 3. The shipped runs (lesson 12) -----------------------------------------------------------
+
+STAR_PROMPTS = ["a large red star in the top left", "a small blue star in the center"]
+
+
+@pytest.mark.parametrize("format", ["diffusers", "kohya"])
+def test_shipped_lora_star_gives_the_same_image_in_diffusers(folder, tmp_path, format):
+    from sdlearn.lora import WEIGHT_NAME, load_lora
+
+    shipped = data_path("lora-star", "train-lora-star")
+    ours = load_pipeline(folder)
+    load_lora(ours.unet, shipped / WEIGHT_NAME)
+    files = shipped if format == "diffusers" else save_lora(ours.unet, tmp_path, format="kohya", weight_name="star.safetensors").parent
+    theirs = diffusers_pipeline(folder)
+    theirs.load_lora_weights(str(files), weight_name=WEIGHT_NAME if format == "diffusers" else "star.safetensors")
+    base = diffusers_images(diffusers_pipeline(folder), STAR_PROMPTS)
+    compare(sdlearn_images(ours, STAR_PROMPTS), diffusers_images(theirs, STAR_PROMPTS), base, f"data/lora-star ({format})")
+
+
+@pytest.mark.parametrize("name, token", [("learned_embeds.safetensors", None), ("sun.safetensors", "<sun>")])
+def test_shipped_sun_embedding_gives_the_same_image_in_diffusers(folder, name, token):
+    path = data_path("ti-sun", "train-ti-sun") / name
+    prompts = ["a <sun> in the top left"]
+    ours, theirs = load_pipeline(folder), diffusers_pipeline(folder)
+    load_embedding(path, ours.tokenizer, ours.text_encoder, token="<sun>")
+    theirs.load_textual_inversion(str(path), token=token)
+    base = diffusers_images(diffusers_pipeline(folder), ["a circle in the top left"])
+    compare(sdlearn_images(ours, prompts), diffusers_images(theirs, prompts), base, f"data/ti-sun ({name})")

@@ -188,3 +188,22 @@ def test_readme_benchmark_is_the_bench_record():
     assert f"max |diff| {row['max_abs_diff']:g}" in quoted
     assert record["cpu"] in quoted and record["command"].removeprefix("python -m ") in quoted
 
+
+def _evaluation(name: str) -> dict:
+    return json.loads((DATA / name / "evaluation.json").read_text())
+
+
+def test_lesson_12_runs_meet_their_targets():
+    """What the shipped personalise runs were made to reach (data/README.md), read from their records."""
+    lora = _evaluation("lora-star")
+    large = lora["adapted"]["concept"]["large"]["faithfulness"]
+    assert lora["n"] >= 100 and lora["original"] == 200
+    assert large["shape"]["accuracy"] >= 0.9 and large["colour"]["accuracy"] >= 0.95 and large["position"]["accuracy"] >= 0.9
+    assert lora["base"]["concept"]["large"]["faithfulness"]["shape"]["accuracy"] < 0.05  # the base model draws no star
+    assert abs(lora["drift_points"]) <= 3
+    sun = _evaluation("ti-sun")
+    assert sun["adapted"]["concept"]["large"]["faithfulness"]["all"]["accuracy"] >= 0.9 and sun["drift_points"] == 0
+    ti_star = _evaluation("ti-star")  # what textual inversion cannot learn
+    assert ti_star["adapted"]["concept"]["large"]["faithfulness"]["shape"]["accuracy"] < 0.1
+    with_prior = json.loads((DATA / "dreambooth-star" / "with-prior" / "evaluation.json").read_text())
+    assert abs(with_prior["drift_points"]) <= 5
