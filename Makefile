@@ -94,7 +94,7 @@ PERSONALISE = $(PY) -m sdlearn.recipes.personalise
 CONCEPT_EVAL = $(PY) -m sdlearn.evaluate --threads 1 concept
 
 train-lora-star: OUT = data/lora-star
-train-lora-star: STEPS = 600
+train-lora-star: STEPS = 1500
 train-lora-star: $(INSTALL)
 	$(PERSONALISE) --method lora --concept star --out $(OUT) --steps $(STEPS) --threads 1 $(ARGS) $(if $(OVERWRITE),--overwrite)
 	$(CONCEPT_EVAL) --adapter $(OUT) $(EVAL_ARGS) --json $(OUT)/evaluation.json
