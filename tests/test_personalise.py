@@ -130,3 +130,33 @@ def test_two_processes_train_and_only_the_first_writes(tmp_path):
     assert record["processes"] == 2 and record["device"] == "cpu"
     assert done.stdout.count("numbers trained") == 1  # one process reports and writes
     load_adapter(load_pipeline(data_dir() / "mini-sd"), out)
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from sdlearn.lora import WEIGHT_NAME
+
+    config = PersonaliseConfig.for_method("lora", steps=4, n_images=8, batch_size=2, n_prior=2, sample_steps=2, lr=0.05)
+    personalise(tmp_path / "whole", config, progress=False)
+    draw = ConceptBatches.__call__
+
+    def stopped_at_step_3(self, step):
+        if step == 3:
+            raise KeyboardInterrupt  # Ctrl-C after the checkpoint of step 2
+        return draw(self, step)
+
+    monkeypatch.setattr(ConceptBatches, "__call__", stopped_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        personalise(tmp_path / "cut", config, progress=False, checkpoint_every=2)
+    monkeypatch.setattr(ConceptBatches, "__call__", draw)
+    assert (tmp_path / "cut-work" / "state").is_dir() and not (tmp_path / "cut").exists()
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        personalise(tmp_path / "cut", config, progress=False, checkpoint_every=2)
+    _, record, _ = personalise(tmp_path / "cut", config, progress=False, checkpoint_every=2, resume=True)
+    assert record["resumed"] and not (tmp_path / "cut-work").exists()
+    whole, cut = load_file(tmp_path / "whole" / WEIGHT_NAME), load_file(tmp_path / "cut" / WEIGHT_NAME)
+    assert whole.keys() == cut.keys()
+    assert max((whole[k] - cut[k]).abs().max().item() for k in whole) <= 1e-6
+    with pytest.raises(FileNotFoundError, match="holds no saved run"):
+        personalise(tmp_path / "again", config, progress=False, resume=True)

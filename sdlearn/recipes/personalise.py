@@ -39,6 +39,7 @@ shipped folders' evaluation.json holds); data/README.md lists the shipped runs.
 
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -56,7 +57,7 @@ from sdlearn.doctor import cpu_name
 from sdlearn.dreambooth import PriorPreservationLoss, interleave
 from sdlearn.models.files import write_text
 from sdlearn.plotting import image_grid
-from sdlearn.recipes import check_out_folder
+from sdlearn.recipes import check_out_folder, work_folder
 from sdlearn.train import train
 
 METHODS = ("lora", "textual-inversion", "dreambooth", "hypernetwork")
@@ -398,13 +399,28 @@ def check_settings(config: PersonaliseConfig) -> Concept:
     return Concept(name, {})
 
 
-def personalise(out, config: PersonaliseConfig, base=None, overwrite: bool = False, progress: bool = True, device=None):
+def personalise(out, config: PersonaliseConfig, base=None, overwrite: bool = False, progress: bool = True, device=None,
+                checkpoint_every: int | None = None, resume: bool = False):
     """Train `config.method` on `config.concept` (or on the --images folder) from the base pipeline,
     save to `out`; return (pipe, record, history). Under several processes (accelerate launch)
-    every process trains its share and only the main one writes."""
+    every process trains its share and only the main one writes.
+
+    checkpoint_every: save the training state every that many steps into <out>-work/state
+    (accelerate's save_state format, sdlearn.train); resume=True continues from it, to the same
+    weights an uninterrupted run ends with. The work folder is removed when the run is saved.
+    """
     concept = check_settings(config)
     out = Path(out)
     check_out_folder(out, outputs(config.method, concept) + ("training.json", "samples.png"), f"a {config.method} run", overwrite)
+    checkpoint = None
+    if checkpoint_every or resume:
+        checkpoint = work_folder(out) / "state"
+        if resume and not checkpoint.exists():
+            raise FileNotFoundError(f"--resume: {checkpoint} holds no saved run to continue; start without --resume.")
+        if not resume and checkpoint.exists():
+            raise FileExistsError(f"{checkpoint} holds an unfinished run: pass --resume to continue it, "
+                                  f"or delete {checkpoint.parent} to start again.")
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     pipe = base_pipeline(base)
     if device is not None:
@@ -451,7 +467,8 @@ def personalise(out, config: PersonaliseConfig, base=None, overwrite: bool = Fal
     history = train(model, loss, batches, steps=config.steps, lr=config.lr, params=params, seed=config.seed,
                     lr_schedule="cosine", warmup=min(50, config.steps // 10), progress=progress,
                     desc=f"{config.method}: {concept.name}", device=pipe.device,
-                    precision=config.precision, accumulation_steps=config.accumulation_steps)
+                    precision=config.precision, accumulation_steps=config.accumulation_steps,
+                    checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume)
     seconds["training"] = history.seconds
     pipe.unet.eval().requires_grad_(False)
     pipe.text_encoder.eval().requires_grad_(False)
@@ -481,7 +498,11 @@ def personalise(out, config: PersonaliseConfig, base=None, overwrite: bool = Fal
         "device": torch.cuda.get_device_name(pipe.device) if pipe.device.type == "cuda" else str(pipe.device),
         "processes": process_count(),
     }
+    if resume:
+        record["resumed"] = True  # seconds["training"] counts the resumed part only
     write_text(out / "training.json", json.dumps(record, indent=2) + "\n")
+    if checkpoint is not None:
+        shutil.rmtree(checkpoint.parent, ignore_errors=True)  # the run is saved: nothing left to resume
     return pipe, record, history
 
 
@@ -561,6 +582,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: this process's GPU if there is one, else cpu)")
     parser.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    parser.add_argument("--checkpoint-every", type=POSITIVE_INT, default=None, help="save the training state every N steps (<out>-work/state)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run from <out>-work/state")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.threads:
@@ -577,7 +600,7 @@ def main(argv=None) -> int:
     try:
         config = PersonaliseConfig.for_method(args.method, **overrides)
         _, record, _ = personalise(args.out, config, base=args.base, overwrite=args.overwrite, progress=not args.no_progress,
-                                   device=device)
+                                   device=device, checkpoint_every=args.checkpoint_every, resume=args.resume)
     except (FileExistsError, FileNotFoundError, ValueError, OSError) as error:
         print(f"{parser.prog}: error: {one_line(error)}", file=sys.stderr)
         return 2
