@@ -286,7 +286,7 @@ def unknown_word_report(pipe, word: str = "star", n: int = 100, sampler: str = "
 
 
 def concept_prompts(concept, n: int, sizes=None, placeholder: bool = False, seed: int = EVAL_PROMPT_SEED) -> tuple:
-    """n prompts naming all four attributes of scenes of `concept` (a sdlearn.recipes.personalise.Concept),
+    """n prompts naming all four attributes of scenes of `concept` (a sdlearn.concepts.Concept),
     in the given sizes (default: the concept's own), and what each asks for: (prompts, requested).
     With placeholder=True the concept's words are its textual-inversion placeholder ("a large red <star> ...")."""
     dataset, keep = concept.images(n, seed) if sizes is None else _sized(concept, n, sizes, seed)
@@ -479,7 +479,7 @@ def prepare(args) -> dict:
         prepared.update(model=model, pipe=pipe)
     elif args.command == "concept":
         from sdlearn.pipeline.loading import load_pipeline
-        from sdlearn.recipes.personalise import CONCEPTS, read_record
+        from sdlearn.concepts import CONCEPTS, read_record
 
         record = read_record(args.adapter)
         if record.get("images") or record["concept"] not in CONCEPTS:
@@ -564,7 +564,7 @@ def main(argv=None) -> int:
 
 def concept_command(args, prepared: dict, command: str, prog: str) -> int:
     """`concept`: the base model and the adapted one on the concept's prompts and on the original ones."""
-    from sdlearn.recipes.personalise import CONCEPTS, load_adapter
+    from sdlearn.concepts import CONCEPTS, load_adapter
 
     began = time.perf_counter()
     model, pipe, record, classifier = prepared["model"], prepared["pipe"], prepared["record"], prepared["classifier"]
