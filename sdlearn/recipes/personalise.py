@@ -57,6 +57,7 @@ from sdlearn.diffusion.schedules import NoiseSchedule
 from sdlearn.doctor import cpu_name
 from sdlearn.dreambooth import PriorPreservationLoss, interleave
 from sdlearn.models.files import write_text
+from sdlearn.lora import TARGETS as LORA_TARGETS
 from sdlearn.plotting import image_grid
 from sdlearn.recipes import check_out_folder, work_folder
 from sdlearn.train import train
@@ -81,7 +82,7 @@ class PersonaliseConfig:
     prior_weight: float = 0.0  # w of prior preservation; 0: no class images
     n_prior: int = 400  # class images drawn by the base model
     rank: int = 4  # lora
-    targets: tuple = ("to_q", "to_k", "to_v", "to_out.0")  # lora: the linear layers it adapts (sdlearn.lora.TARGETS)
+    targets: tuple = LORA_TARGETS  # lora: the linear layers it adapts
     num_vectors: int = 1  # textual-inversion
     layer_structure: tuple = (1, 2, 1)  # hypernetwork
     activation: str = "linear"  # hypernetwork: A1111's default; "relu" etc. (sdlearn.hypernetwork)
@@ -100,7 +101,7 @@ class PersonaliseConfig:
     def for_method(cls, method: str, **overrides) -> "PersonaliseConfig":
         defaults = {  # the shipped runs' settings (data/README.md); each found by a few runs, see the folders' READMEs
             "lora": dict(rank=8, lr=2e-3, batch_size=16, prior_weight=2.0,
-                         targets=("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")),
+                         targets=LORA_TARGETS + ("ff.net.0.proj", "ff.net.2")),
             "textual-inversion": dict(concept="sun", lr=1e-2),
             "dreambooth": dict(lr=2e-4, prior_weight=1.0, batch_size=16),
             "hypernetwork": dict(lr=3e-3, prior_weight=1.0, batch_size=16),
@@ -390,7 +391,7 @@ def personalise(out, config: PersonaliseConfig, base=None, overwrite: bool = Fal
 
         if not _targeted(pipe.unet, tuple(config.targets)):
             raise LoRAError(f"--targets {' '.join(config.targets)}: no linear layer of this UNet is named so; "
-                            "use e.g. to_q to_k to_v to_out.0.")
+                            f"use e.g. {' '.join(LORA_TARGETS)}.")
     seconds = {}
 
     began = time.perf_counter()
@@ -519,7 +520,8 @@ def main(argv=None) -> int:
         return 2
     if record is None:  # not the main process of several
         return 0
-    print(f"{record['method']} taught {record['concept']!r}: {record['trained_parameters']:,} numbers trained in "
+    taught = record["concept"] or record["images"]["folder"]
+    print(f"{record['method']} taught {taught!r}: {record['trained_parameters']:,} numbers trained in "
           f"{record['seconds']['training']:.0f} s; {record['file_bytes']:,} bytes written to {args.out}")
     return 0
 
