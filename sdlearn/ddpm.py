@@ -36,6 +36,11 @@ measurements: data/ddpm-shapes/README.md, "Experiments"). The recipe uses v, Min
 learning rate of 2e-3; lesson 04 still has the learner write eq. 14 itself (the same model
 class, the original objective).
 
+Flow matching (SD3, Flux; lesson 14) trains the same network on another path and target:
+x_s = (1 - s) x_0 + s noise with s in [0, 1], target v = noise - x_0, timestep 1000 s
+(`FlowMatchingLoss`, `flow_training_batch`; the equations in sdlearn.diffusion.flow_matching),
+sampled with `get_sampler("flow_euler")` instead of the six samplers of eps and v models.
+
 The model is `sdlearn.unet.UNet`, the class that runs Stable Diffusion, at toy size
 (`unet_config()`): 3 pixel channels in and out, 32x32 images, three levels of plain
 ResNet blocks (DownBlock2D / UpBlock2D, no cross-attention). The UNet's middle block always
@@ -99,6 +104,7 @@ import torch
 import torch.nn.functional as F
 
 from sdlearn.datasets import COLOUR_NAMES, SHAPES, SIZES, data_path
+from sdlearn.diffusion.flow_matching import flow_interpolate, flow_velocity, sample_flow_levels
 from sdlearn.diffusion.guidance import classifier_free_guidance
 from sdlearn.diffusion.samplers import SAMPLER_NAMES, Sampler
 from sdlearn.diffusion.scheduler_configs import sampler_from_config
@@ -147,7 +153,8 @@ SCHEDULE = schedule_config("scaled_linear")  # the shipped model's (see the modu
 __all__ = [
     "IMAGE_SIZE", "SCHEDULE", "BETA_RANGES", "PREDICTION_TYPES", "MIN_SNR_GAMMA", "CONDITION_ATTRIBUTES", "CONDITION_DIM",
     "schedule_config", "SAMPLER_NAMES", "unet_config", "is_conditional", "schedule", "null_context", "attribute_labels",
-    "condition_vector", "timestep_probabilities", "ddpm_loss", "DiffusionLoss", "training_batch", "load_ddpm",
+    "condition_vector", "timestep_probabilities", "ddpm_loss", "DiffusionLoss", "training_batch",
+    "flow_training_batch", "FlowMatchingLoss", "load_ddpm",
     "recommended_guidance", "make_sampler", "denoiser", "sample",
 ]
 
@@ -357,6 +364,56 @@ class DiffusionLoss:
     def __repr__(self) -> str:
         importance = "" if self.timestep_probabilities is None else ", timestep_probabilities=..."
         return f"DiffusionLoss(prediction_type={self.prediction_type!r}, min_snr_gamma={self.min_snr_gamma}{importance})"
+
+
+def flow_training_batch(x0: torch.Tensor, generator=None, sampling: str = "uniform", logit_mean: float = 0.0,
+                        logit_std: float = 1.0) -> tuple:
+    """(x0, s, noise) for FlowMatchingLoss: one level s in (0, 1) per image, noise ~ N(0, I).
+
+    sampling="uniform" draws s ~ U(0, 1); "logit_normal" draws SD3's s = sigmoid(N(logit_mean, logit_std^2)),
+    which spends more samples on the middle levels (sdlearn.diffusion.flow_matching).
+    """
+    s = sample_flow_levels(x0.shape[0], sampling, logit_mean, logit_std, generator=generator)  # (B,)
+    noise = torch.randn(x0.shape, generator=generator)
+    return x0, s.to(x0.device), noise.to(x0.device)
+
+
+class FlowMatchingLoss:
+    """train()'s loss_fn for a flow-matching (rectified flow) model, as SD3 and Flux train:
+
+        x_s    = (1 - s) x_0 + s noise                  (the straight path; flow_matching eq. 1)
+        target = v = noise - x_0                        (its velocity, eq. 2)
+        L      = mean over the batch and pixels of (v - UNet(x_s, T s, c))^2      (eq. 3)
+
+    A batch is (x0, s, noise) with one level s in [0, 1] per image (`flow_training_batch`
+    draws them, uniform or logit-normal), then an optional context and class labels as for
+    DiffusionLoss. The network is called with the timestep t = T s (T = num_train_timesteps,
+    1000), a float, as diffusers' SD3 pipeline does; `get_sampler("flow_euler")` samples it.
+    """
+
+    def __init__(self, num_train_timesteps: int = 1000):
+        self.num_train_timesteps = num_train_timesteps
+
+    def per_image(self, unet: UNet, batch) -> torch.Tensor:
+        """mean over pixels (v_i - UNet(x_s, T s, c)_i)^2 for each image i: shape (B,)."""
+        x0, s, noise, *rest = batch
+        if s.shape != (x0.shape[0],) or not s.is_floating_point():
+            raise ValueError(
+                f"FlowMatchingLoss takes one float level s in [0, 1] per image, shape ({x0.shape[0]},); got "
+                f"{s.dtype} {tuple(s.shape)}. (DiffusionLoss takes integer timesteps; flow_training_batch makes s.)"
+            )
+        context = rest[0] if rest and rest[0] is not None else null_context(unet, x0.shape[0], x0.device, x0.dtype)
+        class_labels = rest[1] if len(rest) > 1 else None
+        x_s = flow_interpolate(x0, noise, s)  # (B, C, H, W)
+        target = flow_velocity(x0, noise)
+        v_pred = unet(x_s, s * self.num_train_timesteps, context, class_labels=class_labels)
+        return (v_pred - target).pow(2).flatten(1).mean(dim=1)  # (B,)
+
+    def __call__(self, unet: UNet, batch) -> torch.Tensor:
+        return self.per_image(unet, batch).mean()
+
+    def __repr__(self) -> str:
+        return f"FlowMatchingLoss(num_train_timesteps={self.num_train_timesteps})"
 
 
 # Loading and sampling -------------------------------------------------------------------------

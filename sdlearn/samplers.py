@@ -4,6 +4,7 @@
 """
 
 from sdlearn.diffusion.samplers import (  # noqa: F401 (re-exported)
+    FLOW_SAMPLER_NAMES,
     PREDICTION_TYPES,
     SAMPLERS,
     SAMPLER_NAMES,
@@ -13,6 +14,7 @@ from sdlearn.diffusion.samplers import (  # noqa: F401 (re-exported)
     DPMSolverPlusPlus2MSampler,
     EulerAncestralSampler,
     EulerSampler,
+    FlowEulerSampler,
     PLMSSampler,
     Prediction,
     Sampler,

@@ -61,7 +61,21 @@ noise level, sqrt((1 - alpha_bar_t) / alpha_bar_t)); t_prev is the next (smaller
 
    The first step (no history yet) and the last (to sigma = 0) are first order.
 
-All six turn the network output into (x0_pred, eps_pred) in one function, `x0_eps_from_output`
+7. Flow Euler (rectified flow / flow matching, as SD3 and Flux; Esser et al. 2024, sec. 2-3).
+   No alpha_bar: the sample moves on the straight line between the image and the noise, at
+   noise level s in [0, 1] (diffusers' sigma), and the network predicts its velocity
+   (`sdlearn.diffusion.flow_matching`):
+
+       x_s = (1 - s) x0 + s noise                                          (7.1)
+       v   = noise - x0,        x0_pred = x - s v                          (7.2)
+       x_next = x + (s_next - s) v                                         (7.3)
+
+   Euler's method on dx/ds = v from s = 1 (x = noise, init_noise_sigma = 1) to s = 0. The
+   levels are n evenly spaced ones, moved towards noise by the static shift
+   s' = shift s / (1 + (shift - 1) s), and the network is called with t = 1000 s.
+   It serves velocity models only: `get_sampler("flow_euler", shift=3.0)`.
+
+All six alpha_bar samplers turn the network output into (x0_pred, eps_pred) in one function, `x0_eps_from_output`
 (also behind `Sampler.predict`); they differ only in the x = alpha x0 + sigma eps they pass: the
 model input with alpha = sqrt(alpha_bar_t), or, for Euler, x = x0 + sigma eps (alpha = 1).
 
@@ -83,7 +97,7 @@ References: Ho et al. 2020 (arXiv:2006.11239); Song et al. 2021 (arXiv:2010.0250
 Liu et al. 2022 (arXiv:2202.09778); Karras et al. 2022 (arXiv:2206.00364); Lu et al. 2022
 (arXiv:2206.00927, arXiv:2211.01095); k-diffusion (github.com/crowsonkb/k-diffusion);
 diffusers schedulers/scheduling_{ddpm,ddim,pndm,euler_discrete,euler_ancestral_discrete,
-dpmsolver_multistep}.py.
+dpmsolver_multistep,flow_match_euler_discrete}.py; Esser et al. 2024 (SD3, arXiv:2403.03206).
 """
 
 import inspect
@@ -93,6 +107,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from sdlearn.diffusion.flow_matching import check_shift, flow_interpolate, flow_predict, shift_levels
 from sdlearn.diffusion.schedules import PREDICTION_TYPES, NoiseSchedule, Prediction, x0_eps_from_output
 from sdlearn.models.noise import randn
 
@@ -142,6 +157,8 @@ class Sampler:
     default_spacing: ClassVar[str] = "leading"
     # Model evaluations per entry of .timesteps (diffusers' `order`; 1 for all six).
     order: ClassVar[int] = 1
+    # True for samplers of flow-matching (velocity) models, which have no alpha_bar schedule.
+    is_flow: ClassVar[bool] = False
     # Options of the matching diffusers scheduler that sdlearn does not implement, with the
     # value at which they change nothing. Any other value raises an error.
     unsupported: ClassVar[dict] = {
@@ -212,14 +229,7 @@ class Sampler:
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
         """Choose num_inference_steps timesteps (largest first) and start a new sampling run."""
-        n = num_inference_steps
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
-            raise TypeError(f"num_inference_steps must be an integer, got {type(n).__name__}.")
-        if not 1 <= n <= self.T:
-            raise ValueError(
-                f"num_inference_steps must be between 1 and num_train_timesteps={self.T}, got {n}. "
-                "(The model was trained on T timesteps; a sampler visits a subsequence of them.)"
-            )
+        n = self._check_num_steps(num_inference_steps)
         timesteps = self._make_timesteps(int(n))
         if timesteps.max() > self.T - 1 or timesteps.min() < 0:
             fits = next((m for m in range(int(n) - 1, 0, -1) if self._timesteps_fit(m)), None)
@@ -238,6 +248,16 @@ class Sampler:
         self.timesteps = torch.from_numpy(timesteps).to(device)
         self.num_inference_steps = int(n)
         self.reset()
+
+    def _check_num_steps(self, n) -> int:
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+            raise TypeError(f"num_inference_steps must be an integer, got {type(n).__name__}.")
+        if not 1 <= n <= self.T:
+            raise ValueError(
+                f"num_inference_steps must be between 1 and num_train_timesteps={self.T}, got {n}. "
+                "(The model was trained on T timesteps; a sampler visits a subsequence of them.)"
+            )
+        return int(n)
 
     def _make_timesteps(self, n: int) -> np.ndarray:
         return _spaced_timesteps(n, self.T, self.timestep_spacing, self.steps_offset)
@@ -359,12 +379,22 @@ class Sampler:
 
 
 def config_keys(cls) -> list:
-    """The constructor's keyword arguments, base class first: the config keys a sampler honours."""
-    names = []
-    for klass in reversed(cls.__mro__):
+    """The constructor's keyword arguments, base class first: the config keys a sampler honours.
+
+    A constructor passes the rest (**schedule) to its base class's; one without ** stops there
+    (the flow sampler has no alpha_bar schedule, so none of Sampler's keys).
+    """
+    chain = []
+    for klass in cls.__mro__:
         if "__init__" in vars(klass) and issubclass(klass, Sampler):
+            chain.append(klass)
             params = inspect.signature(klass.__init__).parameters.values()
-            names += [p.name for p in params if p.name != "self" and p.kind != p.VAR_KEYWORD and p.name not in names]
+            if not any(p.kind == p.VAR_KEYWORD for p in params):
+                break
+    names = []
+    for klass in reversed(chain):
+        params = inspect.signature(klass.__init__).parameters.values()
+        names += [p.name for p in params if p.name != "self" and p.kind != p.VAR_KEYWORD and p.name not in names]
     return names
 
 
@@ -867,14 +897,110 @@ class DPMSolverPlusPlus2MSampler(Sampler):
         return StepOutput(x_prev.to(model_output.dtype), x0_pred)
 
 
+# 7. Flow matching: Euler on the straight path --------------------------------------------
+
+
+class FlowEulerSampler(Sampler):
+    """Euler's method on dx/ds = v for a flow-matching (velocity) model: SD3's and Flux's sampler.
+
+    Not an alpha_bar sampler: no betas, no prediction_type (the model output is always the
+    velocity v = noise - x0), so a config with either is refused (`scheduler_configs`).
+    """
+
+    name = "flow_euler"
+    diffusers_class = "FlowMatchEulerDiscreteScheduler"
+    is_flow = True
+    unsupported = {
+        "use_dynamic_shifting": False,  # Flux's resolution-dependent shift (needs mu at set_timesteps)
+        "shift_terminal": None,
+        "invert_sigmas": False,
+        "use_karras_sigmas": False,
+        "use_exponential_sigmas": False,
+        "use_beta_sigmas": False,
+        "stochastic_sampling": False,
+    }
+    inert = frozenset({"base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len", "time_shift_type"})
+
+    # No **schedule: none of Sampler's alpha_bar keys are this sampler's (config_keys stops here).
+    def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0):
+        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
+            raise ValueError(f"num_train_timesteps must be a positive integer (1000 for SD3), got {num_train_timesteps!r}.")
+        self.num_train_timesteps = num_train_timesteps
+        self.shift = check_shift(shift)
+        self.prediction_type = "flow_prediction"  # diffusers' name for a velocity model (not a config key here)
+        # The training levels 1/T .. 1, largest first, shifted (eq. 5); float32, as diffusers computes them,
+        # because set_timesteps starts from their ends.
+        levels = torch.arange(num_train_timesteps, 0, -1, dtype=torch.float32) / num_train_timesteps
+        self.train_sigmas = shift_levels(levels, self.shift)  # (T,)
+        self.num_inference_steps = None
+        self.timesteps = None
+        self.reset()
+
+    def __repr__(self) -> str:
+        steps = f", steps={self.num_inference_steps}" if self.num_inference_steps else ""
+        return f"{type(self).__name__}(shift={self.shift}, num_train_timesteps={self.T}{steps})"
+
+    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
+        """n noise levels from 1 down to the smallest training level, shifted (eq. 5); timesteps = 1000 s.
+
+        diffusers spaces the timesteps evenly between the *shifted* training levels' ends, T and
+        T s'_min, and then shifts them again, so with shift != 1 the last level is shifted twice
+        (about shift^2 / T rather than shift / T). sdlearn follows it.
+        """
+        n = self._check_num_steps(num_inference_steps)
+        T = self.T
+        sigma_max, sigma_min = self.train_sigmas[0].item(), self.train_sigmas[-1].item()
+        levels = np.linspace(sigma_max * T, sigma_min * T, n) / T  # float64, as diffusers
+        sigmas = torch.from_numpy(shift_levels(levels, self.shift)).to(dtype=torch.float32, device=device)
+        self.timesteps = sigmas * T  # (n,) float: the model is called with t = 1000 s
+        self.sigmas = torch.cat([sigmas, torch.zeros(1, device=sigmas.device)]).cpu()  # (n + 1,): ends at s = 0
+        self.num_inference_steps = n
+        self.reset()
+
+    def add_noise(self, x0, noise, t) -> torch.Tensor:
+        """x_s = (1 - s) x0 + s noise at the level s of each timestep t in .timesteps   (eq. 1)."""
+        self._check_ready()
+        t = torch.as_tensor(t).reshape(-1)
+        s = self.sigmas.to(device=x0.device, dtype=x0.dtype)[[self._index_of(ti) for ti in t]]  # (B,)
+        return flow_interpolate(x0, noise, s)
+
+    def _alpha_sigma(self, i: int) -> tuple:
+        """x_s = alpha x0 + sigma noise with alpha = 1 - s, sigma = s."""
+        s = self.sigmas[i]
+        return 1 - s, s
+
+    def _predict(self, model_output, x_in, i: int) -> Prediction:
+        """(x0_pred, noise_pred) from the velocity   (eq. 4 of `flow_matching`)."""
+        return flow_predict(model_output, x_in, self.sigmas[i])
+
+    def step(self, model_output, t, x, generator=None) -> StepOutput:
+        """One Euler step down the path; deterministic (generator is accepted for the common API and unused)."""
+        self._check_step_inputs(model_output, x)
+        i = self._next_index(t)
+        x = x.to(torch.float32)  # as diffusers: the update runs in float32
+
+        # 1. the levels s and s_next (0 after the last step)
+        s, s_next = self.sigmas[i], self.sigmas[i + 1]
+
+        # 2. predicted x0 = x - s v   (eq. 4; for display, the step does not need it)
+        x0_pred = self._predict(model_output, x, i).x0
+
+        # 3. Euler step along dx/ds = v: x_next = x + (s_next - s) v
+        x_prev = x + (s_next - s) * model_output
+
+        self._step_index = i + 1
+        return StepOutput(x_prev.to(model_output.dtype), x0_pred)
+
+
 # Registry and the sampling loop ---------------------------------------------------------
 
 
-SAMPLERS = {
-    cls.name: cls
-    for cls in (DDPMSampler, DDIMSampler, PLMSSampler, EulerSampler, EulerAncestralSampler, DPMSolverPlusPlus2MSampler)
-}
-SAMPLER_NAMES = tuple(SAMPLERS)
+# The six samplers of models that predict eps or v on an alpha_bar schedule (lesson 05, evaluate, the pipeline) ...
+ALPHA_BAR_SAMPLERS = (DDPMSampler, DDIMSampler, PLMSSampler, EulerSampler, EulerAncestralSampler, DPMSolverPlusPlus2MSampler)
+SAMPLER_NAMES = tuple(cls.name for cls in ALPHA_BAR_SAMPLERS)
+# ... and those of flow-matching models, which predict the velocity v = noise - x0 (lesson 14).
+FLOW_SAMPLER_NAMES = (FlowEulerSampler.name,)
+SAMPLERS = {cls.name: cls for cls in (*ALPHA_BAR_SAMPLERS, FlowEulerSampler)}  # every sampler, by name
 
 
 @torch.no_grad()

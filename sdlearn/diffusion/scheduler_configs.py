@@ -11,7 +11,7 @@ names. The algorithms themselves are in `sdlearn.diffusion.samplers`.
 import json
 from pathlib import Path
 
-from sdlearn.diffusion.samplers import SAMPLER_NAMES, SAMPLERS, Sampler, config_keys
+from sdlearn.diffusion.samplers import FLOW_SAMPLER_NAMES, SAMPLER_NAMES, SAMPLERS, Sampler, config_keys
 
 # Stable Diffusion 1.5's scheduler/scheduler_config.json: the training noise schedule, and
 # PLMS as the default sampler. Used when a pipeline is built without a scheduler config.
@@ -51,8 +51,43 @@ def _same(a, b) -> bool:
         return False
 
 
+# Keys that say "this model has an alpha_bar schedule and predicts eps or v" (refused by a flow sampler),
+# and the key that says "this is a flow-matching model" (refused by the six alpha_bar samplers).
+ALPHA_BAR_KEYS = ("beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
+FLOW_KEYS = ("shift",)
+FLOW_PREDICTION = "flow_prediction"  # diffusers' prediction_type for a velocity model (UniPC, DPM-Solver with flow sigmas)
+
+
+def _check_model_kind(cls, config: dict) -> None:
+    """Refuse a config for the other kind of model: an eps/v model with a flow sampler, or the reverse.
+
+    Both would run and draw noise: the sampler would read the model output as the wrong quantity.
+    """
+    flow_config = config.get("_class_name") in {SAMPLERS[name].diffusers_class for name in FLOW_SAMPLER_NAMES} or any(
+        key in config for key in FLOW_KEYS
+    )
+    if cls.is_flow:
+        prediction_type = config.get("prediction_type", FLOW_PREDICTION)
+        alpha_bar = [key for key in ALPHA_BAR_KEYS[:-1] if config.get(key) is not None]
+        if prediction_type != FLOW_PREDICTION or alpha_bar:
+            said = f"prediction_type={prediction_type!r}" if prediction_type != FLOW_PREDICTION else f"{alpha_bar[0]}={config[alpha_bar[0]]!r}"
+            raise ValueError(
+                f"The {cls.name!r} sampler serves flow-matching models, which predict the velocity v = noise - x0; "
+                f"this config ({said}) is for a model trained on an alpha_bar schedule to predict eps or v. "
+                f"Use one of {list(SAMPLER_NAMES)} for it, or a flow-matching model's config "
+                f"({cls.diffusers_class}: num_train_timesteps, shift)."
+            )
+    elif flow_config:
+        raise ValueError(
+            f"This scheduler config is for a flow-matching model ({config.get('_class_name') or 'it has a shift'}), which "
+            f"predicts the velocity v = noise - x0; the {cls.name!r} sampler reads eps or v on an alpha_bar schedule. "
+            f"Use {list(FLOW_SAMPLER_NAMES)}."
+        )
+
+
 def _check_config(cls, config: dict) -> dict:
     """Split a diffusers config into this sampler's arguments; refuse what would change behaviour."""
+    _check_model_kind(cls, config)
     honoured = set(config_keys(cls))
     known = _known_keys()
     kwargs = {}
@@ -79,13 +114,17 @@ def _check_config(cls, config: dict) -> dict:
 
 
 def get_sampler(name: str, **config) -> Sampler:
-    """A sampler by name (ddpm, ddim, plms, euler, euler_a, dpmpp_2m) and diffusers config keys.
+    """A sampler by name (ddpm, ddim, plms, euler, euler_a, dpmpp_2m; flow_euler) and diffusers config keys.
 
     With no config, the schedule is Stable Diffusion 1.5's (scaled_linear, 0.00085..0.012,
     1000 steps, steps_offset=1). `get_sampler("ddim", eta=0.5)` sets DDIM's eta.
+    `get_sampler("flow_euler", shift=3.0)` is SD3's sampler for flow-matching (velocity) models.
     """
     if name not in SAMPLERS:
-        raise ValueError(f"Unknown sampler {name!r}. Choose one of {list(SAMPLER_NAMES)}.")
+        raise ValueError(
+            f"Unknown sampler {name!r}. Choose one of {list(SAMPLER_NAMES)} (models that predict eps or v), "
+            f"or {list(FLOW_SAMPLER_NAMES)} (flow-matching models)."
+        )
     cls = SAMPLERS[name]
     return cls(**_check_config(cls, config))
 
@@ -112,7 +151,8 @@ def sampler_from_config(config, name: str | None = None) -> Sampler:
         if class_name not in SAMPLER_FOR_SCHEDULER:
             raise ValueError(
                 f"The config is for {class_name!r}, which sdlearn does not implement. Pass name= one of "
-                f"{list(SAMPLER_NAMES)} to use its schedule with another sampler."
+                f"{list(SAMPLER_NAMES)} (or {list(FLOW_SAMPLER_NAMES)} for a flow-matching model) to use its schedule "
+                "with another sampler."
             )
         name = SAMPLER_FOR_SCHEDULER[class_name]
     return get_sampler(name, **config)
