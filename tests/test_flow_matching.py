@@ -297,3 +297,19 @@ def test_flow_bad_inputs_have_clear_errors():
     x0 = torch.zeros(2, 3, 4, 4)
     with pytest.raises(ValueError, match="one float level s in"):
         FlowMatchingLoss()(Oracle(x0), (x0, torch.tensor([10, 500]), x0))
+
+
+# Lesson 14's checkers (the generic checker tests cover references, blanks and named mistakes) -------
+
+
+def test_lesson14_checkers_accept_equivalent_answers_and_name_the_swaps(capsys):
+    from sdlearn.exercises import ExerciseError, lesson14
+
+    assert lesson14.check_flow_target(lambda x0, noise, s: [x0 + s * (noise - x0), noise - x0])  # a list, rearranged
+    assert lesson14.check_flow_step(lambda x, v, s, s_next: x - (s - s_next) * v)
+    with pytest.raises(ExerciseError, match="the target has the wrong sign"):
+        lesson14.check_flow_target(lambda x0, noise, s: ((1 - s) * x0 + s * noise, x0 - noise))
+    with pytest.raises(ExerciseError, match="interpolation is swapped"):
+        lesson14.check_flow_target(lambda x0, noise, s: (s * x0 + (1 - s) * noise, noise - x0))
+    with pytest.raises(ExerciseError, match="goes the wrong way"):
+        lesson14.check_flow_step(lambda x, v, s, s_next: x + (s - s_next) * v)
