@@ -160,6 +160,27 @@ def test_steps_must_follow_the_timesteps():
         fresh.step(x, 999.5, x)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("shift", SHIFTS)
+def test_flow_euler_matches_diffusers_on_cuda_in_fp32_and_fp16(shift):
+    """The same loop on the GPU: float32 and a float16 model (the update runs in float32 in both)."""
+    for dtype in (torch.float32, torch.float16):
+        results = []
+        for scheduler in (get_sampler("flow_euler", shift=shift), diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)):
+            scheduler.set_timesteps(20, device="cuda")
+            x = randn(1).to("cuda", dtype)
+            for t in scheduler.timesteps:
+                model_output = MODEL(x.float().cpu(), t.cpu()).to("cuda", dtype)
+                x = scheduler.step(model_output, t, x).prev_sample
+            assert x.dtype == dtype
+            results.append(x.float().cpu())
+        assert torch.isfinite(results[0]).all()
+        if dtype == torch.float32:
+            assert (results[0] - results[1]).abs().max().item() <= TOL
+        else:
+            assert torch.allclose(results[0], results[1], atol=2e-2, rtol=2e-2)
+
+
 # The registry and diffusers configs -----------------------------------------------------------
 
 
