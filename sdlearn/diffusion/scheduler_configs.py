@@ -5,7 +5,9 @@ scheduler/scheduler_config.json, e.g. SD 1.5's PNDMScheduler with a scaled-linea
 `get_sampler(name, **config)` builds a sdlearn sampler from such keys and refuses, with a
 message, any option it does not implement at a value that would change the result;
 `sampler_from_config(dict_or_path)` reads the file and picks the sampler its `_class_name`
-names. The algorithms themselves are in `sdlearn.diffusion.samplers`.
+names. A config for the other kind of model is refused too: flow_euler serves flow-matching
+(velocity) models only, and the six alpha_bar samplers refuse a flow-matching config.
+The algorithms themselves are in `sdlearn.diffusion.samplers`.
 """
 
 import json
@@ -51,9 +53,9 @@ def _same(a, b) -> bool:
         return False
 
 
-# Keys that say "this model has an alpha_bar schedule and predicts eps or v" (refused by a flow sampler),
-# and the key that says "this is a flow-matching model" (refused by the six alpha_bar samplers).
-ALPHA_BAR_KEYS = ("beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
+# Keys that say "this model has an alpha_bar schedule" (refused by a flow sampler, as is an eps or v
+# prediction_type), and the key that says "this is a flow-matching model" (refused by the six).
+ALPHA_BAR_KEYS = ("beta_start", "beta_end", "beta_schedule", "trained_betas")
 FLOW_KEYS = ("shift",)
 FLOW_PREDICTION = "flow_prediction"  # diffusers' prediction_type for a velocity model (UniPC, DPM-Solver with flow sigmas)
 
@@ -61,27 +63,27 @@ FLOW_PREDICTION = "flow_prediction"  # diffusers' prediction_type for a velocity
 def _check_model_kind(cls, config: dict) -> None:
     """Refuse a config for the other kind of model: an eps/v model with a flow sampler, or the reverse.
 
-    Both would run and draw noise: the sampler would read the model output as the wrong quantity.
+    Either would run and draw noise: the sampler would read the model output as the wrong quantity.
     """
-    flow_config = config.get("_class_name") in {SAMPLERS[name].diffusers_class for name in FLOW_SAMPLER_NAMES} or any(
-        key in config for key in FLOW_KEYS
-    )
     if cls.is_flow:
-        prediction_type = config.get("prediction_type", FLOW_PREDICTION)
-        alpha_bar = [key for key in ALPHA_BAR_KEYS[:-1] if config.get(key) is not None]
-        if prediction_type != FLOW_PREDICTION or alpha_bar:
-            said = f"prediction_type={prediction_type!r}" if prediction_type != FLOW_PREDICTION else f"{alpha_bar[0]}={config[alpha_bar[0]]!r}"
+        said = [f"{key}={config[key]!r}" for key in ALPHA_BAR_KEYS if config.get(key) is not None]
+        if config.get("prediction_type", FLOW_PREDICTION) != FLOW_PREDICTION:
+            said.insert(0, f"prediction_type={config['prediction_type']!r}")
+        if said:
             raise ValueError(
                 f"The {cls.name!r} sampler serves flow-matching models, which predict the velocity v = noise - x0; "
-                f"this config ({said}) is for a model trained on an alpha_bar schedule to predict eps or v. "
+                f"this config ({said[0]}) is for a model trained on an alpha_bar schedule to predict eps or v. "
                 f"Use one of {list(SAMPLER_NAMES)} for it, or a flow-matching model's config "
                 f"({cls.diffusers_class}: num_train_timesteps, shift)."
             )
-    elif flow_config:
+        return
+    flow_classes = {SAMPLERS[name].diffusers_class for name in FLOW_SAMPLER_NAMES}
+    said = [repr(config["_class_name"])] if config.get("_class_name") in flow_classes else []
+    said += [f"{key}={config[key]!r}" for key in FLOW_KEYS if key in config]
+    if said:
         raise ValueError(
-            f"This scheduler config is for a flow-matching model ({config.get('_class_name') or 'it has a shift'}), which "
-            f"predicts the velocity v = noise - x0; the {cls.name!r} sampler reads eps or v on an alpha_bar schedule. "
-            f"Use {list(FLOW_SAMPLER_NAMES)}."
+            f"This scheduler config ({said[0]}) is for a flow-matching model, which predicts the velocity "
+            f"v = noise - x0; the {cls.name!r} sampler reads eps or v on an alpha_bar schedule. Use {list(FLOW_SAMPLER_NAMES)}."
         )
 
 
