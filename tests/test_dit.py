@@ -381,3 +381,26 @@ def test_bad_inputs_are_explained(tiny_pair):
         unpatchify(torch.randn(1, 12, 16), 2, 4)
     with pytest.raises(ValueError, match="multiples of 2"):
         patchify(torch.randn(1, 4, 5, 4), 2)
+
+
+# The lesson's exercise checkers (sdlearn.exercises.lesson14) on answers a learner may write -------
+
+
+def test_checkers_accept_other_correct_answers_and_name_the_unfold_ordering():
+    import torch.nn.functional as F
+
+    from sdlearn.exercises import ExerciseError, lesson14
+
+    def patchify_einsum(x, p):
+        B, C, H, W = x.shape
+        x = torch.einsum("bchpwq->bhwpqc", x.reshape(B, C, H // p, p, W // p, p))
+        return x.reshape(B, -1, p * p * C)
+
+    def patchify_unfold(x, p):  # right patches, features (c, a, b): not the final layer's order
+        return F.unfold(x, kernel_size=p, stride=p).transpose(1, 2)
+
+    assert lesson14.check_patchify(patchify_einsum)
+    with pytest.raises(ExerciseError, match="F.unfold"):
+        lesson14.check_patchify(patchify_unfold)
+    assert lesson14.check_unpatchify(lambda tokens, p, C: unpatchify(tokens, p, C))
+    assert lesson14.check_modulate(lambda x, shift, scale: torch.addcmul(shift[:, None], x, 1 + scale[:, None]))

@@ -86,7 +86,7 @@ from torch import nn
 
 from sdlearn.models.attention import FEED_FORWARD_ACTIVATIONS, Attention, FeedForward
 from sdlearn.models.checkpoint import CheckpointError, ModelConfig, Pretrained, check_state_dict
-from sdlearn.models.layers import SinusoidalEmbedding, TimestepEmbedding
+from sdlearn.models.layers import SinusoidalEmbedding, TimestepEmbedding, batch_timesteps
 
 NORM_TYPES = ("ada_norm_zero",)  # diffusers' norm_type values this DiT implements
 TIMESTEP_CHANNELS = 256  # width of the timestep sinusoids (DiT's frequency_embedding_size)
@@ -537,16 +537,6 @@ class DiT(Pretrained, nn.Module):
         if H % c.patch_size or W % c.patch_size:
             raise ValueError(f"The latent is {H}x{W}; height and width must be multiples of the patch size {c.patch_size}.")
 
-    def _timesteps(self, t, x: torch.Tensor) -> torch.Tensor:
-        """t as a (B,) tensor on x's device."""
-        if not torch.is_tensor(t):
-            t = torch.tensor([t], dtype=torch.float64 if isinstance(t, float) else torch.int64)
-        if t.ndim == 0:
-            t = t[None]
-        if t.ndim != 1 or t.shape[0] not in (1, x.shape[0]):
-            raise ValueError(f"t must be a number, a 0-d tensor or a tensor of shape ({x.shape[0]},), got shape {tuple(t.shape)}.")
-        return t.to(x.device).expand(x.shape[0])
-
     def _labels(self, class_labels, x: torch.Tensor) -> torch.Tensor:
         """class_labels as a (B,) LongTensor in 0 .. K, after checking them."""
         K = self.config.null_class
@@ -569,7 +559,7 @@ class DiT(Pretrained, nn.Module):
         self._check_inputs(x)
         c = self.config
         p = c.patch_size
-        t = self._timesteps(t, x)
+        t = batch_timesteps(t, x)  # (B,)
         labels = self._labels(class_labels, x)
 
         h = self.pos_embed(x)  # (B, N, D), N = (H/p) * (W/p)
