@@ -147,6 +147,21 @@ def test_dit_options_equal_diffusers():
     assert max_error(ours, theirs, x, torch.tensor([3, 900]), torch.tensor([config.null_class, 0])) <= TOL
 
 
+def test_bfloat16_equals_diffusers():
+    """Low precision: the sinusoids in float32, then cast, as diffusers does; the position buffer follows .to(dtype)."""
+    config = DiTConfig.tiny(num_layers=2)
+    ours = randomise(DiT(config), seed=10).eval()
+    theirs = DiTTransformer2DModel(**diffusers_kwargs(config)).eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    ours, theirs = ours.to(torch.bfloat16), theirs.to(torch.bfloat16)
+    x = torch.randn(2, 4, 16, 16).to(torch.bfloat16)
+    with torch.no_grad():
+        out = ours(x, torch.tensor([5, 900]), torch.tensor([1, config.null_class]))
+        want = theirs(x, torch.tensor([5, 900]), torch.tensor([1, config.null_class])).sample
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - want.float()).abs().max() <= 1e-2
+
+
 # State dicts and folders -------------------------------------------------------------------------
 
 
