@@ -23,6 +23,7 @@ BasicTransformerBlock (pre-LayerNorm, residual):
     x = x + attn1(norm1(x))           self-attention over the H*W image tokens
     x = x + attn2(norm2(x), context)  cross-attention to the text
     x = x + ff(norm3(x))              GEGLU feed-forward: (h * GELU(g)) W_2, [h, g] = x W_1 + b_1
+                                      (DiT's blocks use a plain GELU MLP instead: GELU(x W_1 + b_1) W_2)
 
 Transformer2DModel (CompVis' SpatialTransformer) wraps blocks for a feature map:
     GroupNorm -> proj_in -> flatten (B, C, H, W) -> (B, H*W, C) -> blocks -> unflatten -> proj_out -> + x
@@ -298,13 +299,42 @@ class GEGLU(nn.Module):
         return h * F.gelu(gate)
 
 
-class FeedForward(nn.Module):
-    """GEGLU to mult * dim, dropout, linear back to dim (diffusers' `ff.net.0/1/2`)."""
+class GELU(nn.Module):
+    """A linear layer then GELU: out = GELU(x W + b), the plain MLP of ViT and DiT (no gate).
 
-    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
+    approximate="tanh" is GELU's tanh approximation (diffusers' activation_fn "gelu-approximate",
+    DiT's choice); "none" the exact erf form ("gelu").
+    """
+
+    def __init__(self, dim_in: int, dim_out: int, approximate: str = "none"):
         super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out)
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.proj(x), approximate=self.approximate)
+
+
+# diffusers' activation_fn names that FeedForward implements: SD's UNet uses "geglu", DiT "gelu-approximate".
+FEED_FORWARD_ACTIVATIONS = ("geglu", "gelu", "gelu-approximate")
+
+
+class FeedForward(nn.Module):
+    """GEGLU (or GELU) to mult * dim, dropout, linear back to dim (diffusers' `ff.net.0/1/2`).
+
+    activation_fn: "geglu" (SD's UNet, the default), "gelu" or "gelu-approximate" (DiT).
+    """
+
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0, activation_fn: str = "geglu"):
+        super().__init__()
+        if activation_fn not in FEED_FORWARD_ACTIVATIONS:
+            raise ValueError(f"activation_fn={activation_fn!r} is not implemented; choose one of {list(FEED_FORWARD_ACTIVATIONS)}.")
         inner_dim = dim * mult
-        self.net = nn.ModuleList([GEGLU(dim, inner_dim), nn.Dropout(dropout), nn.Linear(inner_dim, dim)])
+        if activation_fn == "geglu":
+            first = GEGLU(dim, inner_dim)
+        else:
+            first = GELU(dim, inner_dim, approximate="tanh" if activation_fn == "gelu-approximate" else "none")
+        self.net = nn.ModuleList([first, nn.Dropout(dropout), nn.Linear(inner_dim, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.net:

@@ -73,6 +73,17 @@ def timestep_embedding(
     return emb
 
 
+def batch_timesteps(t, x: torch.Tensor) -> torch.Tensor:
+    """t (an int, a float, a 0-d tensor or a (B,) or (1,) tensor) as a (B,) tensor on x's device, B = x.shape[0]."""
+    if not torch.is_tensor(t):
+        t = torch.tensor([t], dtype=torch.float64 if isinstance(t, float) else torch.int64)
+    if t.ndim == 0:
+        t = t[None]
+    if t.ndim != 1 or t.shape[0] not in (1, x.shape[0]):
+        raise ValueError(f"t must be a number, a 0-d tensor or a tensor of shape ({x.shape[0]},), got shape {tuple(t.shape)}.")
+    return t.to(x.device).expand(x.shape[0])
+
+
 class SinusoidalEmbedding(nn.Module):
     """`timestep_embedding` as a module (no parameters; diffusers calls it `time_proj`)."""
 

@@ -45,7 +45,8 @@ from torch import nn
 
 from sdlearn.models.attention import Transformer2DModel
 from sdlearn.models.checkpoint import CheckpointError, ModelConfig, Pretrained
-from sdlearn.models.layers import Downsample2D, ResnetBlock2D, SinusoidalEmbedding, TimestepEmbedding, Upsample2D
+from sdlearn.models.layers import (Downsample2D, ResnetBlock2D, SinusoidalEmbedding, TimestepEmbedding, Upsample2D,
+                                   batch_timesteps)
 
 # diffusers config keys for features we do not implement -> the values that mean "off".
 # A config.json may carry them (diffusers writes them all) as long as the feature is off.
@@ -474,16 +475,6 @@ class UNet(Pretrained, nn.Module):
                 "(for classifier-free guidance, concatenate the unconditional and conditional halves of both)."
             )
 
-    def _timesteps(self, t, x: torch.Tensor) -> torch.Tensor:
-        """t as a (B,) tensor on x's device."""
-        if not torch.is_tensor(t):
-            t = torch.tensor([t], dtype=torch.float64 if isinstance(t, float) else torch.int64)
-        if t.ndim == 0:
-            t = t[None]
-        if t.ndim != 1 or t.shape[0] not in (1, x.shape[0]):
-            raise ValueError(f"t must be a number, a 0-d tensor or a tensor of shape ({x.shape[0]},), got shape {tuple(t.shape)}.")
-        return t.to(x.device).expand(x.shape[0])
-
     # forward -----------------------------------------------------------------------------
 
     def _class_embedding(self, class_labels, x: torch.Tensor) -> torch.Tensor:
@@ -512,7 +503,7 @@ class UNet(Pretrained, nn.Module):
     def forward(self, x: torch.Tensor, t, context: torch.Tensor, class_labels=None) -> torch.Tensor:
         self._check_inputs(x, context)
         # The sinusoids are computed in float32, then cast (as diffusers does for fp16 models).
-        emb = self.time_embedding(self.time_proj(self._timesteps(t, x)).to(x.dtype))  # (B, 4 * C_0)
+        emb = self.time_embedding(self.time_proj(batch_timesteps(t, x)).to(x.dtype))  # (B, 4 * C_0)
         if self.class_embedding is not None or class_labels is not None:
             emb = emb + self._class_embedding(class_labels, x)  # the class joins the timestep in every ResNet block
 
