@@ -16,6 +16,7 @@ from diffusers import UNet2DConditionModel
 from sdlearn.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTextWithProjectionConfig, sdxl_prompt_embeds
 from sdlearn.models.checkpoint import CheckpointError
 from sdlearn.unet import UNet, UNetConfig, config_dict_for_diffusers, trace_shapes
+from tests.test_clip import hf_config, random_ids
 
 TOL = 1e-4  # fp32 max abs error allowed against diffusers (UNet)
 CLIP_TOL = 1e-5  # and against transformers (text encoders)
@@ -196,26 +197,11 @@ def test_unsupported_addition_embed_types_name_the_field():
 # The second text encoder and SDXL's prompt embedding ---------------------------------------------------
 
 
-def hf_config(config: CLIPTextConfig) -> transformers.CLIPTextConfig:
-    d = config.to_dict()
-    d.pop("architectures"), d.pop("model_type")
-    return transformers.CLIPTextConfig(**d)
-
-
 def perturb_layer_norms(model) -> None:
     with torch.no_grad():  # LayerNorms start at (1, 0): perturb them so they are tested too
         for name, p in model.named_parameters():
             if "layer_norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
-
-
-def random_ids(config: CLIPTextConfig, batch: int = 3, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, config.vocab_size - 2, (batch, 77), generator=g)
-    ids[:, 0] = config.bos_token_id
-    for row, end in enumerate((5, 30, 76)[:batch]):
-        ids[row, end:] = config.eos_token_id
-    return ids
 
 
 TINY_ENCODER_1 = CLIPTextConfig.tiny(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=3)
