@@ -19,7 +19,7 @@ from transformers import CLIPTextModel as HFCLIPTextModel
 from transformers import CLIPTextModelWithProjection as HFCLIPTextModelWithProjection
 from transformers import CLIPTokenizer as HFCLIPTokenizer
 
-from sdlearn.pipeline import StableDiffusion, StableDiffusionXL, StepRecorder
+from sdlearn.pipeline import StableDiffusion, StableDiffusionXL, StepRecorder, load_pipeline
 from sdlearn.unet import UNet, UNetConfig, config_dict_for_diffusers
 from tests.test_pipeline import SD_VOCAB, perturb
 
@@ -100,6 +100,15 @@ def check(got: torch.Tensor, want: torch.Tensor) -> None:
     assert got.shape == want.shape
     err, db = (got - want).abs().max().item(), psnr(got, want)
     assert err <= TOL and db >= 40, (err, db)
+
+
+def test_load_pipeline_reads_an_sdxl_folder(pipe, folder):
+    loaded = load_pipeline(folder)
+    assert isinstance(loaded, StableDiffusionXL) and loaded.tokenizer_2.pad_token_id == 0  # "!" pads, as SDXL's
+    assert repr(loaded).startswith("StableDiffusionXL(unet 2.0M, vae 0.3M, text_encoder 1.6M, text_encoder_2 1.6M")
+    for name in ("unet", "text_encoder_2"):
+        for key, value in getattr(pipe, name).state_dict().items():
+            assert torch.equal(getattr(loaded, name).state_dict()[key], value)
 
 
 def test_prompt_embeddings_equal_diffusers(pipe, reference):

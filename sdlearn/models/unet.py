@@ -45,7 +45,7 @@ target size (h, w), each through 256-wide sinusoids. Pass them as diffusers does
 Config field names are diffusers' UNet2DConditionModel config.json keys and the defaults
 are diffusers' defaults, so a config.json that omits a key means the same thing to both.
 Keys that select features this UNet does not implement (concatenated class embeddings, added
-embeddings, other block types, ...) are accepted only with their default value; anything
+embeddings other than SDXL's text_time, other block types, ...) are accepted only with their default value; anything
 else raises a CheckpointError naming the key.
 """
 
@@ -284,7 +284,7 @@ class UNetConfig(ModelConfig):
 
     @classmethod
     def tiny_sdxl(cls, **overrides) -> "UNetConfig":
-        """SDXL layout at toy size: no attention at the first level, more transformer layers deeper, text_time.
+        """SDXL layout at toy size (2.05M parameters): no attention at the first level, more transformer layers deeper, text_time.
 
         cross_attention_dim 64 = two tiny text encoders of width 32 concatenated; the pooled text
         embedding is 32 wide, so projection_class_embeddings_input_dim = 32 + 6 * 8 = 80 (the
