@@ -96,6 +96,18 @@ def test_tiny_sdxl_unet_equals_diffusers(sdxl_pair):
     assert max_error(ours, theirs, x[:1], 500.0, context[:1], {k: v[:1] for k, v in added.items()}) <= TOL
 
 
+def test_half_precision_matches_diffusers():
+    """bfloat16 weights and inputs; the size numbers stay float32 (their sinusoids are computed in float32, then cast)."""
+    ours, theirs = (m.to(torch.bfloat16) for m in pair(UNetConfig.tiny_sdxl()))
+    x, context, added = inputs(ours.config)
+    added = {"text_embeds": added["text_embeds"].bfloat16(), "time_ids": added["time_ids"]}
+    with torch.no_grad():
+        out = ours(x.bfloat16(), 10, context.bfloat16(), added_cond_kwargs=added)
+        want = theirs(x.bfloat16(), 10, context.bfloat16(), added_cond_kwargs=added).sample
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - want.float()).abs().max() <= 0.05
+
+
 def test_pooled_text_and_time_ids_change_the_output(sdxl_pair):
     ours, _ = sdxl_pair
     x, context, added = inputs(ours.config)
