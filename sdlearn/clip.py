@@ -21,7 +21,9 @@ from sdlearn.models.clip import (  # noqa: F401 (re-exported)
     CLIPTextConfig,
     CLIPTextEmbeddings,
     CLIPTextModel,
+    CLIPTextModelWithProjection,
     CLIPTextTransformer,
+    CLIPTextWithProjectionConfig,
     CLIPTokenizer,
     ConvImageEncoder,
     TinyCLIP,
@@ -31,5 +33,6 @@ from sdlearn.models.clip import (  # noqa: F401 (re-exported)
     clean_text,
     contrastive_loss,
     quick_gelu,
+    sdxl_prompt_embeds,
 )
 from sdlearn.recipes.clip import clip_loss_fn, shapes_corpus, train_bpe, train_shapes_tokenizer, train_tiny_clip  # noqa: F401

@@ -201,7 +201,7 @@ def test_full_size_parameter_counts():
 
 @pytest.mark.parametrize(
     "key, value",
-    [("class_embed_type", "timestep"), ("addition_embed_type", "text_time"), ("center_input_sample", True),
+    [("class_embed_type", "timestep"), ("addition_embed_type", "text"), ("center_input_sample", True),
      ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"), ("only_cross_attention", True), ("time_cond_proj_dim", 256),
      ("resnet_time_scale_shift", "scale_shift"), ("conv_in_kernel", 7), ("class_embeddings_concat", True)],
 )

@@ -26,6 +26,10 @@ uses OpenAI's ViT-L/14 text encoder, SD 2.x OpenCLIP's ViT-H/14 one.
    with the causal mask M_ij = -inf for j > i (token i sees only tokens 1..i) and
    act = quick_gelu(x) = x * sigmoid(1.702 x) for SD 1.x, exact gelu for SD 2.x.
    "CLIP skip" k uses LN_final(h_{N-k}) instead, as diffusers' `clip_skip` does.
+   SDXL uses two encoders, CLIP ViT-L and OpenCLIP ViT-bigG, and takes from each the
+   penultimate h_{N-1} *without* LN_final; their concatenation (768 + 1280 = 2048 wide) is the
+   UNet's context, and the second one's projected end-of-text vector W_proj LN_final(h_N)[eos]
+   (`CLIPTextModelWithProjection`) is the pooled prompt embedding (`sdxl_prompt_embeds`).
 
 3. Contrastive training (CLIP's objective, symmetric InfoNCE). For a batch of N pairs with
    L2-normalised image embeddings u_i and text embeddings v_j and a learned temperature t:
@@ -739,14 +743,21 @@ class CLIPTextModel(Pretrained, nn.Module):
             states.append(h)
         return states
 
-    def forward(self, input_ids: torch.Tensor, clip_skip: int | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """LN_final(h_{N - clip_skip}) as (B, L, D); clip_skip None or 0 is the last layer."""
+    def forward(
+        self, input_ids: torch.Tensor, clip_skip: int | None = None, attention_mask: torch.Tensor | None = None, final_norm: bool = True
+    ) -> torch.Tensor:
+        """LN_final(h_{N - clip_skip}) as (B, L, D); clip_skip None or 0 is the last layer.
+
+        final_norm=False returns h_{N - clip_skip} itself: SDXL conditions on the penultimate
+        layer *without* the final LayerNorm, `model(ids, clip_skip=1, final_norm=False)`, which is
+        transformers' `hidden_states[-2]` (SD 1.x's "CLIP skip" applies the norm; SDXL does not).
+        """
         n = self.config.num_hidden_layers
         skip = clip_skip or 0
         if not 0 <= skip < n:
             raise ValueError(f"clip_skip must be between 0 and {n - 1} for this {n}-layer text encoder, got {clip_skip}.")
         h = self.hidden_states(input_ids, attention_mask, num_layers=n - skip)[-1]
-        return self.text_model.final_layer_norm(h)
+        return self.text_model.final_layer_norm(h) if final_norm else h
 
     def pooled(self, last_hidden_state: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """The hidden state at each prompt's end token, (B, D): CLIP's sentence embedding.
@@ -769,6 +780,87 @@ class CLIPTextModel(Pretrained, nn.Module):
             if key not in _DROPPED_KEYS:
                 renamed[key] = value
         super().load_checked_state_dict(renamed, source)
+
+
+@dataclass
+class CLIPTextWithProjectionConfig(CLIPTextConfig):
+    """The same fields, written as transformers' CLIPTextModelWithProjection (SDXL's text_encoder_2/config.json)."""
+
+    extra_keys = {"model_type": "clip_text_model", "architectures": ["CLIPTextModelWithProjection"]}
+
+    @classmethod
+    def vit_bigg14(cls) -> "CLIPTextWithProjectionConfig":
+        """SDXL's second text encoder: OpenCLIP ViT-bigG/14's text tower (text_encoder_2/config.json of
+        stabilityai/stable-diffusion-xl-base-1.0): 32 layers, 1280 wide, 20 heads, exact gelu, projection 1280."""
+        return cls(hidden_size=1280, intermediate_size=5120, projection_dim=1280, num_hidden_layers=32,
+                   num_attention_heads=20, hidden_act="gelu", bos_token_id=0, eos_token_id=2)
+
+
+class CLIPTextModelWithProjection(CLIPTextModel):
+    """CLIPTextModel plus CLIP's text projection (transformers' CLIPTextModelWithProjection):
+
+        text_embeds = W_proj pooled(LN_final(h_N))            (B, projection_dim), no bias
+
+    In CLIP this is the text side of the shared image-text space; SDXL uses encoder 2's
+    text_embeds as the pooled prompt embedding that the UNet adds to its timestep embedding
+    (UNet added_cond_kwargs["text_embeds"]). `model(ids)` still returns the last hidden state.
+    """
+
+    config_class = CLIPTextWithProjectionConfig
+
+    def __init__(self, config: CLIPTextConfig):
+        if type(config) is CLIPTextConfig:  # a plain text config is fine: same fields
+            config = CLIPTextWithProjectionConfig(**{f: getattr(config, f) for f in config.__dataclass_fields__})
+        super().__init__(config)
+        self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
+
+    @classmethod
+    def from_config(cls, config):
+        if type(config) is CLIPTextConfig:
+            return cls(config)
+        return super().from_config(config)
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[list, torch.Tensor]:
+        """One pass: ([h_0, ..., h_N], text_embeds (B, projection_dim)), i.e. transformers'
+        `hidden_states` (output_hidden_states=True; no final norm on them) and `text_embeds`."""
+        states = self.hidden_states(input_ids, attention_mask)
+        last = self.text_model.final_layer_norm(states[-1])  # (B, L, D)
+        return states, self.text_projection(self.pooled(last, input_ids))  # (B, projection_dim)
+
+    def text_embeds(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The pooled, projected prompt embedding (B, projection_dim)."""
+        return self.encode(input_ids, attention_mask)[1]
+
+
+def sdxl_prompt_embeds(
+    text_encoder: CLIPTextModel, text_encoder_2: CLIPTextModelWithProjection, input_ids: torch.Tensor, input_ids_2: torch.Tensor,
+    clip_skip: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's text conditioning from its two encoders, as diffusers' StableDiffusionXLPipeline.encode_prompt:
+
+        context = concat(h1_{N1-1-k}, h2_{N2-1-k}) along channels     (B, L, 768 + 1280 = 2048)
+        pooled  = text_embeds of encoder 2                              (B, 1280)
+
+    with h_{N-1} the penultimate layer's output without the final LayerNorm (k = clip_skip,
+    0 by default). input_ids / input_ids_2 come from each encoder's own tokenizer (SDXL's second
+    pads with "!", id 0). Returns (context for cross-attention, pooled for added_cond_kwargs).
+    """
+    k = clip_skip or 0
+    for name, encoder in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+        n = encoder.config.num_hidden_layers
+        if not 0 <= k < n:
+            raise ValueError(f"clip_skip={clip_skip} leaves no layer of the {n}-layer {name}; SDXL uses the penultimate (clip_skip None).")
+    if not isinstance(text_encoder_2, CLIPTextModelWithProjection):
+        raise TypeError(f"text_encoder_2 must be a CLIPTextModelWithProjection (its text_projection gives the pooled embedding), got {type(text_encoder_2).__name__}.")
+    if input_ids.shape != input_ids_2.shape:
+        raise ValueError(
+            f"input_ids {tuple(input_ids.shape)} and input_ids_2 {tuple(input_ids_2.shape)} must have the same shape (B, 77): "
+            "tokenize the same prompts with both tokenizers, padded to 77."
+        )
+    h1 = text_encoder.hidden_states(input_ids)[-(k + 2)]  # (B, L, D1), penultimate: no final norm
+    states_2, pooled = text_encoder_2.encode(input_ids_2)
+    context = torch.cat([h1, states_2[-(k + 2)]], dim=-1)  # (B, L, D1 + D2)
+    return context, pooled
 
 
 # ----------------------------------------------------------------------------------------

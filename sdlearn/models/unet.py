@@ -30,10 +30,22 @@ then C_i / heads: 320/8 = 40, 640/8 = 80, 1280/8 = 160. SD 2.x instead fixed the
 width at 64 (CompVis `num_head_channels: 64`), which the converted config expresses as
 per-level head counts attention_head_dim = (5, 10, 20, 20): 320/5 = 640/10 = 1280/20 = 64.
 
+SDXL (Podell et al. 2023) keeps this UNet and changes its configuration: three levels
+(320, 640, 1280), no attention at the first, (1, 2, 10) transformer layers per level, 2048-wide
+text embeddings from two encoders, and one more term added to the timestep embedding
+(diffusers' addition_embed_type="text_time"):
+
+    emb += add_embedding(concat(text_embeds, add_time_proj(time_ids).flatten))   (B, 4 * C_0)
+
+text_embeds (B, 1280) is the second text encoder's pooled, projected prompt embedding and
+time_ids (B, 6) the "micro-conditioning": original size (h, w), crop top-left (top, left) and
+target size (h, w), each through 256-wide sinusoids. Pass them as diffusers does:
+`unet(x, t, context, added_cond_kwargs={"text_embeds": ..., "time_ids": ...})`.
+
 Config field names are diffusers' UNet2DConditionModel config.json keys and the defaults
 are diffusers' defaults, so a config.json that omits a key means the same thing to both.
 Keys that select features this UNet does not implement (concatenated class embeddings, added
-embeddings, other block types, ...) are accepted only with their default value; anything
+embeddings other than SDXL's text_time, other block types, ...) are accepted only with their default value; anything
 else raises a CheckpointError naming the key.
 """
 
@@ -57,8 +69,6 @@ _FEATURES_OFF = {
     "dual_cross_attention": (False,),
     "num_attention_heads": (None,),
     "class_embeddings_concat": (False,),
-    "addition_embed_type": (None,),
-    "addition_time_embed_dim": (None,),
     "encoder_hid_dim": (None,),
     "encoder_hid_dim_type": (None,),
     "resnet_time_scale_shift": ("default",),
@@ -83,12 +93,13 @@ _IRRELEVANT = {
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 CLASS_EMBED_TYPES = (None, "projection")  # None: ids through nn.Embedding (num_class_embeds); "projection": vectors
+ADDITION_EMBED_TYPES = (None, "text_time")  # "text_time": SDXL's pooled text + micro-conditioning (see UNet.forward)
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 
 
 @dataclass
 class UNetConfig(ModelConfig):
-    """diffusers' UNet2DConditionModel config (the subset SD 1.x/2.x use); defaults are diffusers'."""
+    """diffusers' UNet2DConditionModel config (the subset SD 1.x/2.x/XL use); defaults are diffusers'."""
 
     library_class: ClassVar[str] = "UNet2DConditionModel"
     ignored_keys: ClassVar[frozenset] = frozenset(_FEATURES_OFF) | frozenset(_IRRELEVANT)
@@ -118,7 +129,13 @@ class UNetConfig(ModelConfig):
     # "projection": the condition is a vector (B, projection_class_embeddings_input_dim), e.g. a multi-hot of
     # attributes, mapped by a TimestepEmbedding-shaped MLP and added to emb (diffusers' class_embed_type).
     class_embed_type: str | None = None
+    # SDXL's added conditioning (addition_embed_type="text_time"): the pooled text embedding (B, P) and six
+    # "micro-conditioning" numbers per image, time_ids = (orig_h, orig_w, crop_top, crop_left, target_h, target_w),
+    # each through sinusoids of width addition_time_embed_dim; their concatenation (B, P + 6 * addition_time_embed_dim)
+    # is projection_class_embeddings_input_dim wide (SDXL base: 1280 + 6 * 256 = 2816).
     projection_class_embeddings_input_dim: int | None = None
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
 
     def __post_init__(self):
         n = len(self.block_out_channels)
@@ -156,6 +173,24 @@ class UNetConfig(ModelConfig):
                 )
             if self.num_class_embeds is not None:
                 raise ValueError("Give either num_class_embeds (class ids) or class_embed_type='projection' (vectors), not both.")
+        if self.addition_embed_type not in ADDITION_EMBED_TYPES:
+            raise CheckpointError(
+                f"addition_embed_type={self.addition_embed_type!r} is not implemented; sdlearn's UNet implements "
+                f"{list(ADDITION_EMBED_TYPES)} (None for SD 1.x/2.x, 'text_time' for SDXL)."
+            )
+        if self.addition_embed_type == "text_time":
+            for name in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+                value = getattr(self, name)
+                if not isinstance(value, int) or value < 1:
+                    raise ValueError(
+                        f"addition_embed_type='text_time' needs {name} (a positive int; SDXL base: "
+                        f"addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816), got {value!r}."
+                    )
+            if self.projection_class_embeddings_input_dim <= 6 * self.addition_time_embed_dim:
+                raise ValueError(
+                    f"projection_class_embeddings_input_dim={self.projection_class_embeddings_input_dim} must be the pooled "
+                    f"text width plus 6 * addition_time_embed_dim = {6 * self.addition_time_embed_dim} (SDXL: 1280 + 1536 = 2816)."
+                )
         if self.upcast_attention is None:  # SD 1.5's config.json writes null for "off"
             self.upcast_attention = False
         for name in ("layers_per_block", "transformer_layers_per_block", "attention_head_dim"):
@@ -174,7 +209,7 @@ class UNetConfig(ModelConfig):
             if key in config and config[key] not in off:
                 raise CheckpointError(
                     f"This UNet config sets {key}={config[key]!r}, a feature sdlearn's UNet does not implement "
-                    f"(supported: {off[0]!r}). It is not a Stable Diffusion 1.x/2.x UNet; use diffusers' "
+                    f"(supported: {off[0]!r}). It is not a Stable Diffusion 1.x/2.x/XL UNet; use diffusers' "
                     "UNet2DConditionModel for it."
                 )
         return super().from_dict(config)
@@ -245,6 +280,68 @@ class UNetConfig(ModelConfig):
             attention_head_dim=(5, 10, 20, 20),
             use_linear_projection=True,
             upcast_attention=True,
+        )
+        return cls(**{**values, **overrides})
+
+    @classmethod
+    def tiny_sdxl(cls, **overrides) -> "UNetConfig":
+        """SDXL layout at toy size (2.05M parameters): no attention at the first level, more transformer layers deeper, text_time.
+
+        cross_attention_dim 64 = two tiny text encoders of width 32 concatenated; the pooled text
+        embedding is 32 wide, so projection_class_embeddings_input_dim = 32 + 6 * 8 = 80 (the
+        numbers of diffusers' own tiny SDXL test UNet).
+        """
+        values = dict(
+            sample_size=16,
+            block_out_channels=(32, 64, 64),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            layers_per_block=1,
+            transformer_layers_per_block=(1, 1, 2),
+            attention_head_dim=(2, 4, 4),  # head width 16 everywhere, like SDXL's 64
+            cross_attention_dim=64,
+            norm_num_groups=8,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=80,
+        )
+        return cls(**{**values, **overrides})
+
+    @classmethod
+    def sdxl(cls, **overrides) -> "UNetConfig":
+        """Stable Diffusion XL base 1.0 (stabilityai/stable-diffusion-xl-base-1.0 unet/config.json): 2.57B parameters.
+
+        Where the numbers come from (Podell et al. 2023, "SDXL", section 2.1 and table 1; the published
+        config.json; the fields not set here are diffusers' UNet2DConditionModel defaults, which that
+        config.json also holds: in/out_channels 4, layers_per_block 2, norm_num_groups 32, silu, ...):
+        - sample_size 128: 1024x1024 images through the f=8 VAE.
+        - block_out_channels (320, 640, 1280): three levels instead of SD 1.x's four; the lowest
+          (8x8 for SD 1.x) is dropped.
+        - down_block_types: no attention at the highest resolution (level 0, 128x128, where
+          attention is most expensive); up_block_types mirror them.
+        - transformer_layers_per_block (1, 2, 10): the transformer compute moves to the lower
+          levels (level 0's 1 is unused, it has no attention); the mid block uses the last, 10.
+        - attention_head_dim (5, 10, 20): head counts (see the module docstring), i.e. heads 64
+          wide at every level, as SD 2.x; use_linear_projection True, as SD 2.x.
+        - cross_attention_dim 2048: the two text encoders' penultimate hidden states side by
+          side, CLIP ViT-L (768) + OpenCLIP ViT-bigG (1280).
+        - addition_embed_type "text_time", addition_time_embed_dim 256,
+          projection_class_embeddings_input_dim 2816 = 1280 (ViT-bigG's pooled, projected
+          text embedding) + 6 * 256 (sinusoids of the six size/crop numbers).
+        """
+        values = dict(
+            sample_size=128,
+            block_out_channels=(320, 640, 1280),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20),
+            use_linear_projection=True,
+            cross_attention_dim=2048,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
         )
         return cls(**{**values, **overrides})
 
@@ -410,6 +507,11 @@ class UNet(Pretrained, nn.Module):
             self.class_embedding = nn.Embedding(c.num_class_embeds, time_embed_dim)
         else:
             self.class_embedding = None
+        # SDXL's added conditioning (addition_embed_type="text_time"), also added to emb:
+        #   emb += linear_2(SiLU(linear_1(concat(pooled_text, sinusoids(time_ids).flatten))))
+        if c.addition_embed_type == "text_time":
+            self.add_time_proj = SinusoidalEmbedding(c.addition_time_embed_dim, c.flip_sin_to_cos, c.freq_shift)
+            self.add_embedding = TimestepEmbedding(c.projection_class_embeddings_input_dim, time_embed_dim)
 
         self.down_blocks = nn.ModuleList()
         for i, block_type in enumerate(c.down_block_types):
@@ -500,12 +602,52 @@ class UNet(Pretrained, nn.Module):
             raise ValueError(f"class_labels must lie in 0..{n - 1}, got values from {int(labels.min())} to {int(labels.max())}.")
         return self.class_embedding(labels).to(x.dtype)
 
-    def forward(self, x: torch.Tensor, t, context: torch.Tensor, class_labels=None) -> torch.Tensor:
+    def _added_embedding(self, added_cond_kwargs, x: torch.Tensor) -> torch.Tensor:
+        """SDXL's text_time embedding (B, 4 * C_0) of the pooled text embedding and the six size/crop numbers.
+
+        text_embeds (B, P): encoder 2's pooled, projected prompt embedding (P = 1280 for SDXL).
+        time_ids (B, 6): (original_h, original_w, crop_top, crop_left, target_h, target_w) in pixels; SDXL
+        was trained on them so that at sampling time one can ask for an uncropped, full-resolution image.
+        """
+        c = self.config
+        d = c.addition_time_embed_dim
+        P = c.projection_class_embeddings_input_dim - 6 * d
+        B = x.shape[0]
+        if added_cond_kwargs is None:
+            added_cond_kwargs = {}
+        if not isinstance(added_cond_kwargs, dict):
+            raise TypeError(f"added_cond_kwargs must be a dict with 'text_embeds' and 'time_ids', got {type(added_cond_kwargs).__name__}.")
+        missing = [k for k in ("text_embeds", "time_ids") if added_cond_kwargs.get(k) is None]
+        if missing:
+            raise ValueError(
+                f"This UNet has addition_embed_type='text_time' (SDXL): pass added_cond_kwargs={{'text_embeds': ({B}, {P}) "
+                f"pooled text embedding, 'time_ids': ({B}, 6) original size, crop top-left, target size}}; missing {missing}."
+            )
+        text_embeds = added_cond_kwargs["text_embeds"]
+        time_ids = torch.as_tensor(added_cond_kwargs["time_ids"], device=x.device)
+        if text_embeds.shape != (B, P):
+            raise ValueError(f"text_embeds must have shape ({B}, {P}) (the pooled text embedding), got {tuple(text_embeds.shape)}.")
+        if time_ids.shape != (B, 6):
+            raise ValueError(
+                f"time_ids must have shape ({B}, 6): (original_h, original_w, crop_top, crop_left, target_h, target_w) "
+                f"per image, got {tuple(time_ids.shape)}."
+            )
+        time_embeds = self.add_time_proj(time_ids.flatten()).reshape(B, 6 * d)  # (B*6, d) -> (B, 6 d), float32
+        add_embeds = torch.cat([text_embeds.to(time_embeds.dtype), time_embeds], dim=-1)  # (B, P + 6 d)
+        return self.add_embedding(add_embeds.to(x.dtype))
+
+    def forward(self, x: torch.Tensor, t, context: torch.Tensor, class_labels=None, added_cond_kwargs: dict | None = None) -> torch.Tensor:
+        """The model output (B, C_out, H, W). class_labels for class-conditional models; added_cond_kwargs
+        {"text_embeds": (B, P), "time_ids": (B, 6)} for SDXL (addition_embed_type="text_time"), as diffusers takes them."""
         self._check_inputs(x, context)
         # The sinusoids are computed in float32, then cast (as diffusers does for fp16 models).
         emb = self.time_embedding(self.time_proj(batch_timesteps(t, x)).to(x.dtype))  # (B, 4 * C_0)
         if self.class_embedding is not None or class_labels is not None:
             emb = emb + self._class_embedding(class_labels, x)  # the class joins the timestep in every ResNet block
+        if self.config.addition_embed_type == "text_time":
+            emb = emb + self._added_embedding(added_cond_kwargs, x)  # so do SDXL's pooled text and size/crop numbers
+        elif added_cond_kwargs:
+            raise ValueError("added_cond_kwargs were given, but this UNet has no added embedding (addition_embed_type=None).")
 
         h = self.conv_in(x)  # (B, C_0, H, W)
         skips = [h]
@@ -528,8 +670,10 @@ class UNet(Pretrained, nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def trace_shapes(unet: UNet, x: torch.Tensor, t, context: torch.Tensor) -> list:
+def trace_shapes(unet: UNet, x: torch.Tensor, t, context: torch.Tensor, added_cond_kwargs: dict | None = None) -> list:
     """Run `unet` once and list (module name, output shape) for its top-level stages.
+
+    added_cond_kwargs: SDXL's {"text_embeds", "time_ids"} (see UNet.forward), for a text_time UNet.
 
     Works on the meta device too, which gives the shapes of a full-size model without
     allocating its weights: `with torch.device("meta"): unet = UNet(UNetConfig.sd15())`.
@@ -556,7 +700,7 @@ def trace_shapes(unet: UNet, x: torch.Tensor, t, context: torch.Tensor) -> list:
     handles = [module.register_forward_hook(recorder(name)) for name, module in stages]
     try:
         with torch.no_grad():
-            unet(x, t, context)
+            unet(x, t, context, added_cond_kwargs=added_cond_kwargs)
     finally:
         for handle in handles:
             handle.remove()

@@ -10,6 +10,9 @@ Stable Diffusion weights come in three forms, and `load_pipeline` takes all of t
        tokenizer/                    vocab.json + merges.txt + special tokens
        scheduler/                    scheduler_config.json: the noise schedule the UNet was trained with
 
+   An SDXL folder (model_index.json names StableDiffusionXLPipeline; text_encoder_2/ and
+   tokenizer_2/ besides) loads as a StableDiffusionXL (sdlearn.pipeline.stable_diffusion_xl).
+
 2. A single file in the original CompVis layout (`.safetensors`, or a pickled `.ckpt`):
    one flat dict of tensors, the parts told apart by prefixes,
 
@@ -65,6 +68,7 @@ from sdlearn.diffusion.schedules import PREDICTION_TYPES
 from sdlearn.models.checkpoint import CheckpointError
 from sdlearn.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from sdlearn.pipeline.stable_diffusion import SD_SCHEDULER_CONFIG, StableDiffusion
+from sdlearn.pipeline.stable_diffusion_xl import PIPELINE_CLASS as SDXL_PIPELINE_CLASS, StableDiffusionXL
 from sdlearn.models.unet import UNet, UNetConfig
 from sdlearn.models.vae import AutoencoderKL, VAEConfig
 from sdlearn.pipeline.single_file import (FAMILIES, from_single_file_state_dict, infer_family, read_single_file, save_single_file, to_single_file_state_dict)
@@ -202,6 +206,14 @@ def read_model_index(folder: Path) -> dict:
     return index
 
 
+def _names_sdxl(folder: Path) -> bool:
+    """Whether model_index.json names a StableDiffusionXLPipeline (anything unreadable: False, read_model_index says why)."""
+    try:
+        return json.loads((folder / "model_index.json").read_text()).get("_class_name") == SDXL_PIPELINE_CLASS
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def load_scheduler_config(folder: Path) -> dict:
     """scheduler/scheduler_config.json of a pipeline folder, as a dict."""
     path = folder / "scheduler" / "scheduler_config.json"
@@ -212,6 +224,8 @@ def load_scheduler_config(folder: Path) -> dict:
 
 
 def load_folder(path: Path, device=None, dtype=None, check_finite: bool = True) -> StableDiffusion:
+    if _names_sdxl(path):  # two text encoders: its own loader
+        return StableDiffusionXL.from_pretrained(path, device, dtype, check_finite=check_finite)
     read_model_index(path)
     unet = UNet.from_pretrained(path / "unet", check_finite=check_finite)
     vae = AutoencoderKL.from_pretrained(path / "vae", check_finite=check_finite)

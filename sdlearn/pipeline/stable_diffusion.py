@@ -163,6 +163,8 @@ class _Run:
     callback: Callable | None
     progress: bool
     output_type: str  # "pil", "tensor" or "latent"
+    # SDXL's extra UNet inputs, stacked like the context ([uncond, cond] under guidance); None for SD 1.x/2.x
+    added_cond_kwargs: dict | None = None
 
 
 # ------------------------------------------------------------------------------------------
@@ -179,6 +181,8 @@ class StableDiffusion:
     the default is the folder's scheduler. Load one with `sdlearn.load_pipeline(folder)`.
     """
 
+    model_names = ("unet", "vae", "text_encoder")  # the networks, as attributes
+
     def __init__(self, unet: UNet, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
                  scheduler_config: dict | None = None):
         for name, value, cls in (("unet", unet, UNet), ("vae", vae, AutoencoderKL), ("text_encoder", text_encoder, CLIPTextModel),
@@ -190,11 +194,7 @@ class StableDiffusion:
                 f"The UNet takes {unet.config.in_channels} input channels but the VAE makes {vae.config.latent_channels}-channel "
                 "latents. (9-channel inpainting UNets are not supported; inpaint() works with the ordinary 4-channel UNet.)"
             )
-        if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
-            raise ValueError(
-                f"The UNet attends to {unet.config.cross_attention_dim}-wide text vectors but the text encoder makes "
-                f"{text_encoder.config.hidden_size}-wide ones; the two come from different models."
-            )
+        self._check_text_width(unet, text_encoder)
         if tokenizer.vocab_size > text_encoder.config.vocab_size:
             raise ValueError(
                 f"The tokenizer has {tokenizer.vocab_size} tokens but the text encoder only {text_encoder.config.vocab_size} "
@@ -207,6 +207,14 @@ class StableDiffusion:
         self.max_batch_pixels = MAX_BATCH_PIXELS  # outputs x height x width in one call (None: no limit)
         for module in (unet, vae, text_encoder):
             module.eval()
+
+    def _check_text_width(self, unet: UNet, text_encoder: CLIPTextModel) -> None:
+        """The UNet must attend to vectors as wide as the text encoder makes (StableDiffusionXL: both encoders')."""
+        if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
+            raise ValueError(
+                f"The UNet attends to {unet.config.cross_attention_dim}-wide text vectors but the text encoder makes "
+                f"{text_encoder.config.hidden_size}-wide ones; the two come from different models."
+            )
 
     # -- devices, sizes, samplers -----------------------------------------------------------
 
@@ -322,6 +330,7 @@ class StableDiffusion:
         mask: torch.Tensor | None = None,
         image_latents: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
+        added_cond_kwargs: dict | None = None,
     ) -> torch.Tensor:
         """The sampling loop: z_{t_1} -> ... -> z_0 over `timesteps` (the heart of Stable Diffusion).
 
@@ -335,6 +344,8 @@ class StableDiffusion:
         mask           1 = repaint, 0 = keep, at latent resolution                (B, 1, h, w)
         image_latents  the original image's latent z_0                            (B, 4, h, w)
         noise          the eps that noised z_0 to the start                       (B, 4, h, w)
+        added_cond_kwargs  SDXL only: {"text_embeds", "time_ids"} for the UNet, stacked like the
+                       context, i.e. [uncond; cond] along the batch under guidance (2B rows)
         """
         inpainting = mask is not None
         if inpainting != (image_latents is not None) or inpainting != (noise is not None):
@@ -349,10 +360,15 @@ class StableDiffusion:
             # 2. Some samplers want a rescaled input (Euler: z / sqrt(sigma^2 + 1)); the rest pass it through
             model_input = sampler.scale_model_input(model_input, t)
             # 3. Predict the noise (or v) in z_t for every half                    (2B, 4, h, w)
+            #    (SDXL also passes the pooled text and size numbers; SD 1.x/2.x calls stay unet(x, t, c))
+            added = {} if added_cond_kwargs is None else {"added_cond_kwargs": added_cond_kwargs}
             if self.slicing and guided:  # the same numbers in two calls of half the size
-                model_output = torch.cat([self.unet(x, t, c) for x, c in zip(model_input.chunk(2), context.chunk(2))])
+                halves = [{k: {n: v.chunk(2)[i] for n, v in a.items()} for k, a in added.items()} for i in range(2)]
+                model_output = torch.cat([
+                    self.unet(x, t, c, **a) for x, c, a in zip(model_input.chunk(2), context.chunk(2), halves)
+                ])
             else:
-                model_output = self.unet(model_input, t, context)
+                model_output = self.unet(model_input, t, context, **added)
             # 4. Classifier-free guidance: e = e_neg + s (e_cond - e_neg)          (2B -> B, 4, h, w)
             if guided:
                 eps_uncond, eps_cond = model_output.chunk(2)
@@ -547,11 +563,22 @@ class StableDiffusion:
             )
 
         # 3. Text embeddings, one row per output image                            (B, 77, D)
+        cond, uncond, added = self._text_conditioning(prompts, negatives, negative_prompt is not None, num_images_per_prompt,
+                                                      guidance_scale, size)
+        return _Run(batch, cond, uncond, sampler, timesteps, generator, guidance_scale, callback, progress, output_type, added)
+
+    def _text_conditioning(self, prompts: list, negatives: list, negative_given: bool, num_images_per_prompt: int,
+                           guidance_scale: float, size: tuple | None) -> tuple:
+        """(cond, uncond or None, added_cond_kwargs or None), one row per output image.
+
+        SD 1.x/2.x: the text embeddings only. StableDiffusionXL overrides this to add the pooled
+        embedding and the size/crop numbers (and zeros for an absent negative prompt).
+        """
         cond = self.encode_prompt(prompts).repeat_interleave(num_images_per_prompt, dim=0)
         uncond = None
         if guidance_scale > 1:  # as diffusers: guidance_scale <= 1 has no unconditional branch at all
             uncond = self.encode_prompt(negatives).repeat_interleave(num_images_per_prompt, dim=0)
-        return _Run(batch, cond, uncond, sampler, timesteps, generator, guidance_scale, callback, progress, output_type)
+        return cond, uncond, None
 
     def _finish(self, run: _Run, latents: torch.Tensor, mask: torch.Tensor | None = None,
                 image_latents: torch.Tensor | None = None, noise: torch.Tensor | None = None):
@@ -561,7 +588,7 @@ class StableDiffusion:
         """
         latents = self.denoise(latents, run.cond, run.uncond, run.sampler, run.timesteps, run.guidance_scale,
                                run.generator, run.callback, run.progress,
-                               mask=mask, image_latents=image_latents, noise=noise)
+                               mask=mask, image_latents=image_latents, noise=noise, added_cond_kwargs=run.added_cond_kwargs)
         if run.output_type == "latent":
             return latents
         images = self.decode_latents(latents)  # (B, 3, H, W) in [-1, 1]
@@ -747,12 +774,10 @@ class StableDiffusion:
         return save_single_file(self, path, overwrite=overwrite, dtype=dtype)
 
     def __repr__(self) -> str:
-        millions = {
-            name: sum(p.numel() for p in getattr(self, name).parameters()) / 1e6 for name in ("unet", "vae", "text_encoder")
-        }
+        millions = {name: sum(p.numel() for p in getattr(self, name).parameters()) / 1e6 for name in self.model_names}
         parts = ", ".join(f"{name} {m:.1f}M" for name, m in millions.items())
         return (
-            f"StableDiffusion({parts}, vocabulary {self.tokenizer.vocab_size}, {self.default_size}x{self.default_size} px, "
+            f"{type(self).__name__}({parts}, vocabulary {self.tokenizer.vocab_size}, {self.default_size}x{self.default_size} px, "
             f"sampler {self.default_sampler}, {self.device}, {self.dtype})"
         )
 
