@@ -340,7 +340,7 @@ def test_recorded_run_drives_the_denoising_stepper(pipe):
     assert record.eps_pred.shape == (3, 2, 4, 4, 4)  # latent noise
     assert torch.allclose(record.final, final, atol=1e-6)
     stepper = denoising_stepper(record)
-    stepper.slider.value = 2
+    stepper.slider.value = 3  # step 3 of 3 (steps count from 1)
     assert stepper.images["x0_pred"].value == stepper.pngs["x0_pred"][2]
 
 
@@ -520,8 +520,11 @@ def test_load_pipeline_rejects_what_is_not_a_pipeline(folder, tmp_path, monkeypa
         load_pipeline(single)
     other = tmp_path / "other"
     other.mkdir()
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    with pytest.raises(ValueError, match="StableDiffusion3Pipeline"):
+        load_pipeline(other)
     (other / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
-    with pytest.raises(ValueError, match="StableDiffusionXLPipeline"):
+    with pytest.raises(ValueError, match="no unet/ folder; an SDXL base pipeline needs it"):  # an incomplete SDXL copy
         load_pipeline(other)
     with pytest.raises(TypeError, match="path or a hub id"):
         load_pipeline(42)

@@ -204,14 +204,17 @@ class StableDiffusionXL(StableDiffusion):
             raise ValueError(f"{folder} is not a pipeline folder: it has no model_index.json.")
         try:
             index = json.loads(path.read_text())
-            scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{folder}: a JSON file is not valid ({exc}).") from exc
+            raise CheckpointError(f"{path} is not valid JSON ({exc}).") from exc
         if index.get("_class_name") != PIPELINE_CLASS:
             raise ValueError(f"{folder} holds a {index.get('_class_name')}, not a {PIPELINE_CLASS}; for SD 1.x/2.x use sdlearn.load_pipeline.")
-        for part in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        for part in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"):
             if not (folder / part).is_dir():
                 raise ValueError(f"{folder} has no {part}/ folder; an SDXL base pipeline needs it (a refiner has no text_encoder and is not supported).")
+        try:
+            scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        except (json.JSONDecodeError, FileNotFoundError) as exc:
+            raise CheckpointError(f"{folder / 'scheduler'}: no valid scheduler_config.json ({exc}).") from exc
         pipe = cls(
             UNet.from_pretrained(folder / "unet", check_finite=check_finite),
             AutoencoderKL.from_pretrained(folder / "vae", check_finite=check_finite),
