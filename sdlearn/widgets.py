@@ -86,10 +86,13 @@ def _pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(_to_uint8(image[None], (-1.0, 1.0))[0])
 
 
+GAP = (170, 170, 170)  # the 2-pixel lines between (and around) the images of a panel
+
+
 def _panel(pixels: np.ndarray, size: int) -> Image.Image:
     """(B, H, W, C) uint8 -> the images in a row, each size x size."""
     pils = [Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in pixels]
-    return image_grid([_resize(im, size) for im in pils], ncols=len(pils))
+    return image_grid([_resize(im, size) for im in pils], ncols=len(pils), background=GAP)  # grey gaps: white images stay apart
 
 
 def tensor_panels(frames: torch.Tensor, size: int = 128, value_range=(-1.0, 1.0), max_images: int = 4) -> list:
@@ -97,6 +100,114 @@ def tensor_panels(frames: torch.Tensor, size: int = 128, value_range=(-1.0, 1.0)
     pixels = _to_uint8(_as_rgb(frames[:, :max_images].flatten(0, 1)), value_range)
     pixels = pixels.reshape(frames.shape[0], -1, *pixels.shape[1:])  # (N, B, H, W, C)
     return [_panel(p, size) for p in pixels]
+
+
+def _image(png: bytes, margin: str = "0 12px 6px 0") -> widgets.Image:
+    """An image widget drawn at its PNG's own size, in a thin grey frame: the browser neither stretches nor shrinks it."""
+    width, height = Image.open(io.BytesIO(png)).size
+    width, height = width + 2, height + 2  # JupyterLab sizes widgets border-box: room for the 1-pixel frame
+    return widgets.Image(value=png, format="png", layout=widgets.Layout(
+        width=f"{width}px", height=f"{height}px", min_width=f"{width}px", flex="0 0 auto", object_fit="contain",
+        margin=margin, border="1px solid #aaa"))
+
+
+def _row(children) -> widgets.HBox:
+    """Panels side by side at their own sizes, wrapping onto the next line when the page is narrow."""
+    return widgets.HBox(children, layout=widgets.Layout(flex_flow="row wrap", align_items="flex-end"))  # images in line
+
+
+def _titled(title: str, child: widgets.Image) -> widgets.VBox:
+    """A caption over an image, wrapped to the image's width."""
+    return widgets.VBox([widgets.HTML(title, layout=widgets.Layout(width=child.layout.width)), child],
+                        layout=widgets.Layout(flex="0 0 auto", margin="0 8px 0 0"))
+
+
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+FACTORIES = ("noise_explorer", "denoising_stepper", "latent_stepper", "guidance_explorer", "attention_viewer")
+
+
+def widget_cells(cells) -> list:
+    """Indices of the code cells that make a widget (call one of FACTORIES).
+
+    cells: a notebook's cells, as nbformat reads them or as the raw JSON lists them.
+    """
+    def source(cell) -> str:
+        return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+
+    return [i for i, cell in enumerate(cells)
+            if cell["cell_type"] == "code" and any(f"{name}(" in source(cell) for name in FACTORIES)]
+RUN_TO_RESTORE = "Interactive widget: run this cell to bring it back (it needs the running kernel)."
+PICTURE_NOTE = ("A saved picture of the widget above, for where it cannot run (GitHub, a notebook not run yet). "
+                "If the widget says \"Error displaying widget\", its kernel has gone: run the cell to bring it back.")
+
+
+def key_frames_png(rows: list, captions: list, row_titles: list | None = None, title: str = "",
+                   note: str = PICTURE_NOTE, panel_inches: float = 1.6) -> bytes:
+    """A grid of key frames as one PNG: rows[r][c] is an (H, W, C) uint8 array, captions[c] names column c.
+
+    Pixels are drawn nearest-neighbour (blocky, never blurred), each panel with a grey frame
+    so that white images stay apart. This is the static picture shown beside a widget.
+    """
+    import textwrap
+
+    n_rows, n_cols = len(rows), len(captions)
+    fig = Figure(figsize=(panel_inches * n_cols + (0.9 if row_titles else 0.2), panel_inches * n_rows + 0.75),
+                 dpi=STYLE["figure.dpi"], facecolor="white")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
+    for r, row in enumerate(rows):
+        for c, pixels in enumerate(row):
+            ax = axes[r][c]
+            ax.imshow(pixels[..., 0] if pixels.shape[-1] == 1 else pixels, cmap="gray", vmin=0, vmax=255,
+                      interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(True), spine.set_color("0.6")
+            if r == 0:
+                ax.set_title(captions[c], fontsize=7)
+            if c == 0 and row_titles:
+                ax.set_ylabel(row_titles[r], fontsize=7)
+    fig.suptitle(title, fontsize=8)
+    fig.text(0.5, 0.005, "\n".join(textwrap.wrap(note, 40 * n_cols // 2 + 30)), ha="center", va="bottom",
+             fontsize=7, color="0.35", style="italic")
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+class _ShowsPicture:
+    """Mixin: in a notebook, display the live widget and, below it, its key frames as a saved picture.
+
+    Jupyter saves both. Where no kernel runs the widget (GitHub, nbviewer, a notebook not run
+    yet, whose saved widget output keeps only its text), the picture shows what the widget shows.
+    """
+
+    def picture(self) -> bytes:  # each widget class draws its own key frames
+        raise NotImplementedError
+
+    def _repr_mimebundle_(self, **kwargs):
+        bundle = self.widget._repr_mimebundle_(**kwargs)
+        bundle["text/plain"] = RUN_TO_RESTORE
+        return bundle
+
+    def _ipython_display_(self):
+        from IPython.display import Image as PictureOutput
+        from IPython.display import display
+
+        display(self._repr_mimebundle_(), raw=True)
+        display(PictureOutput(data=self.picture(), format="png"))
+
+
+def _wrap(text: str, width: int) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width))
+
+
+def _pick(n: int, k: int = 6) -> list:
+    """k indices spread evenly over 0..n-1, both ends included."""
+    return sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(k)}) if n > 1 else [0]
 
 
 def _image_from(image) -> torch.Tensor:
@@ -201,7 +312,7 @@ def _noise_label(t: int, alpha_bar: float, snr: float) -> str:
 
 
 @dataclass
-class NoiseExplorer:
+class NoiseExplorer(_ShowsPicture):
     """The noise-level explorer and its parts. Displays as `widget`; set `slider.value = t`."""
 
     widget: widgets.VBox
@@ -220,8 +331,13 @@ class NoiseExplorer:
         self.plot.value = self.plot_pngs[k]
         self.label.value = self.labels[k]
 
-    def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)
+    def picture(self) -> bytes:
+        """x_t at six timesteps from 0 to T - 1."""
+        f = self.frames
+        picks = _pick(len(f.timesteps))
+        pixels = _to_uint8(_as_rgb(f.x_t[picks]), (-1.0, 1.0))
+        captions = [f"t = {f.timesteps[k]}\nSNR {f.snr[k].item():.2g}" for k in picks]
+        return key_frames_png([list(pixels)], captions, title="x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps")
 
 
 def noise_explorer(
@@ -248,10 +364,10 @@ def noise_explorer(
         options=frames.timesteps, value=frames.timesteps[k], description="t", continuous_update=True,
         layout=widgets.Layout(width="95%"),
     )
-    image_widget = widgets.Image(value=image_pngs[k], format="png")
-    plot_widget = widgets.Image(value=plot_pngs[k], format="png")
+    image_widget = _image(image_pngs[k])
+    plot_widget = _image(plot_pngs[k])
     label = widgets.HTML(labels[k])
-    box = widgets.VBox([slider, label, widgets.HBox([image_widget, plot_widget])])
+    box = widgets.VBox([slider, label, _row([image_widget, plot_widget])])
     explorer = NoiseExplorer(box, slider, image_widget, plot_widget, label, frames, image_pngs, plot_pngs, labels)
     slider.observe(explorer._on_change, names="value")
     return explorer
@@ -337,11 +453,19 @@ PANEL_TITLES = {
         "eps_pred": "guided noise e (latent, 3 of 4 channels)",
     },
 }
+PANEL_TEXT = {  # the same titles as plain text, for the saved picture
+    "pixel": {"x_t": "x_t (the sample)", "x0_pred": "predicted x_0", "eps_pred": "predicted noise"},
+    "latent": {"x_t": "decoded z_t", "x0_pred": "decoded predicted z_0", "eps_pred": "guided noise e\n(latent, 3 of 4 ch.)"},
+}
 
 
 @dataclass
-class DenoisingStepper:
-    """The denoising stepper and its parts. Displays as `widget`; set `slider.value = step`."""
+class DenoisingStepper(_ShowsPicture):
+    """The denoising stepper and its parts. Displays as `widget`; set `slider.value = step` (1 .. n).
+
+    Steps are counted from 1 everywhere (slider, play button, label); `pngs[name][step - 1]`
+    is what the panel shows at that step.
+    """
 
     widget: widgets.VBox
     play: widgets.Play
@@ -351,15 +475,23 @@ class DenoisingStepper:
     record: SamplingRecord
     pngs: dict = field(repr=False)  # panel name -> list of PNG bytes, one per step
     labels: list = field(repr=False)
+    ranges: dict = field(repr=False, default_factory=dict)  # panel name -> the values shown black .. white
 
     def _on_change(self, change) -> None:
-        k = change["new"]
+        k = change["new"] - 1
         for name, image in self.images.items():
             image.value = self.pngs[name][k]
         self.label.value = self.labels[k]
 
-    def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)
+    def picture(self) -> bytes:
+        """The first image of the batch in every panel at six steps, first to last."""
+        record = self.record
+        picks = _pick(len(record))
+        ranges = self.ranges
+        rows = [list(_to_uint8(_as_rgb(getattr(record, name)[picks, 0]), ranges[name])) for name in self.images]
+        titles = [PANEL_TEXT[record.space][name] for name in self.images]
+        captions = [f"step {k + 1} of {len(record)}\nt = {record.timesteps[k]:g}" for k in picks]
+        return key_frames_png(rows, captions, titles, title=f"{record.sampler} sampling, step by step (first image)")
 
 
 def denoising_stepper(
@@ -386,15 +518,16 @@ def denoising_stepper(
     n = len(record)
     labels = [f"<b>step {k + 1} of {n}</b> &nbsp; t = {t:g} &nbsp; ({record.sampler})" for k, t in enumerate(record.timesteps)]
 
-    slider = widgets.IntSlider(value=0, min=0, max=n - 1, description="step", continuous_update=True)
-    play = widgets.Play(value=0, min=0, max=n - 1, interval=interval_ms, description="play")
+    # steps count from 1 in the slider, the play button and the label alike
+    slider = widgets.IntSlider(value=1, min=1, max=n, description="step", continuous_update=True,
+                               layout=widgets.Layout(width="480px"))
+    play = widgets.Play(value=1, min=1, max=n, interval=interval_ms, description="play")
     widgets.link((play, "value"), (slider, "value"))  # kernel-side link: works in tests too
-    images = {name: widgets.Image(value=pngs[name][0], format="png") for name in panels}
+    images = {name: _image(pngs[name][0]) for name in panels}
     titles = PANEL_TITLES[record.space]
-    columns = [widgets.VBox([widgets.HTML(titles[name]), images[name]]) for name in panels]
     label = widgets.HTML(labels[0])
-    box = widgets.VBox([widgets.HBox([play, slider]), label, widgets.HBox(columns)])
-    stepper = DenoisingStepper(box, play, slider, images, label, record, pngs, labels)
+    box = widgets.VBox([widgets.HBox([play, slider]), label, _row([_titled(titles[name], images[name]) for name in panels])])
+    stepper = DenoisingStepper(box, play, slider, images, label, record, pngs, labels, {name: ranges[name] for name in panels})
     slider.observe(stepper._on_change, names="value")
     return stepper
 
@@ -444,6 +577,12 @@ class GuidanceFrames:
     prompt: str
     scales: list  # N floats
     images: torch.Tensor  # (N, B, 3, H, W) in [-1, 1]
+    prompts: list = field(default_factory=list)  # B prompts, one per image
+    negative_prompts: list = field(default_factory=list)  # B negative prompts (empty: none given)
+
+    def changed(self, k: int, threshold: float = 0.2) -> torch.Tensor:
+        """(B,) fraction of pixels of frame k that differ from frame 0 (any channel by > threshold in [-1, 1])."""
+        return ((self.images[k] - self.images[0]).abs().amax(1) > threshold).float().mean((1, 2))
 
 
 def guidance_frames(pipe, prompt, scales=(1.0, 2.0, 4.0, 7.5, 12.0), steps: int = 25, sampler: str | None = None,
@@ -451,7 +590,8 @@ def guidance_frames(pipe, prompt, scales=(1.0, 2.0, 4.0, 7.5, 12.0), steps: int 
     """pipe.text_to_image(prompt, guidance_scale=s, seed=seed) for every s in `scales`.
 
     The seed fixes the starting noise, so only the guidance changes between frames. A scale of
-    1 (or less) is the conditional model alone: the pipeline then skips the unconditional half.
+    1 (or less) is the conditional model alone: the pipeline then skips the unconditional half,
+    and a negative_prompt (in kwargs) is used only at the scales above 1.
     """
     scales = [float(s) for s in scales]
     if not scales:
@@ -461,21 +601,31 @@ def guidance_frames(pipe, prompt, scales=(1.0, 2.0, 4.0, 7.5, 12.0), steps: int 
     if any(s < 0 for s in scales):
         raise ValueError(f"Guidance scales must be >= 0, got {scales}.")
     images = [
-        pipe.text_to_image(prompt, steps=steps, guidance_scale=s, sampler=sampler, seed=seed, output_type="tensor", **kwargs)
-        .float().cpu()
+        pipe.text_to_image(prompt, steps=steps, guidance_scale=s, sampler=sampler, seed=seed, output_type="tensor",
+                           **_without_negative(kwargs) if s <= 1 else kwargs).float().cpu()
         for s in scales
     ]  # N x (B, 3, H, W)
-    text = prompt if isinstance(prompt, str) else " | ".join(prompt)
-    return GuidanceFrames(text, scales, torch.stack(images))
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    negative = kwargs.get("negative_prompt") or []
+    negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+    return GuidanceFrames(" | ".join(prompts), scales, torch.stack(images), prompts, negatives)
+
+
+def _without_negative(kwargs: dict) -> dict:
+    """At s <= 1 there is no unconditional half, so a negative prompt has nothing to act on (and is left out)."""
+    return {name: value for name, value in kwargs.items() if name != "negative_prompt"}
 
 
 @dataclass
-class GuidanceExplorer:
-    """The guidance explorer and its parts. Displays as `widget`; set `slider.value = scale`."""
+class GuidanceExplorer(_ShowsPicture):
+    """The guidance explorer and its parts. Displays as `widget`; set `slider.value = scale`.
+
+    One panel per prompt, captioned with it; `pngs[k][j]` is image j at scale k.
+    """
 
     widget: widgets.VBox
     slider: widgets.SelectionSlider
-    image: widgets.Image
+    images: list  # widgets.Image, one per prompt
     label: widgets.HTML
     frames: GuidanceFrames
     pngs: list = field(repr=False)
@@ -483,29 +633,44 @@ class GuidanceExplorer:
 
     def _on_change(self, change) -> None:
         k = self.frames.scales.index(change["new"])
-        self.image.value = self.pngs[k]
+        for image, png in zip(self.images, self.pngs[k]):
+            image.value = png
         self.label.value = self.labels[k]
 
-    def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)
+    def picture(self) -> bytes:
+        """Every prompt (rows) at every scale (columns)."""
+        f = self.frames
+        n = len(self.images)
+        pixels = _to_uint8(f.images[:, :n], (-1.0, 1.0))  # (N, n, H, W, 3)
+        rows = [[pixels[k, j] for k in range(len(f.scales))] for j in range(n)]
+        titles = [p + (f" / not: {q}" if q else "") for p, q in zip(f.prompts[:n], f.negative_prompts or [""] * n)]
+        return key_frames_png(rows, [f"s = {s:g}" for s in f.scales], [_wrap(t, 18) for t in titles],
+                              title="classifier-free guidance: the same seed at each scale s")
 
 
 def guidance_explorer(pipe, prompt, scales=(1.0, 2.0, 4.0, 7.5, 12.0), steps: int = 25, sampler: str | None = None,
                       seed: int = 0, size: int = 128, max_images: int = 4, **kwargs) -> GuidanceExplorer:
     """A slider over guidance scales s showing the same seed's image(s) at each s (all generated up front)."""
     frames = guidance_frames(pipe, prompt, scales, steps, sampler, seed, **kwargs)
-    pngs = [_png(panel) for panel in tensor_panels(frames.images, size=size, max_images=max_images)]
-    labels = [
-        f"<b>guidance scale s = {s:g}</b> &nbsp; e = e<sub>neg</sub> + {s:g} (e<sub>cond</sub> &minus; e<sub>neg</sub>)"
-        + (" &nbsp; (s &le; 1: the conditional prediction alone)" if s <= 1 else "")
-        + f" &nbsp; prompt: <i>{frames.prompt}</i>, seed {seed}"
-        for s in frames.scales
-    ]
+    n = min(max_images, frames.images.shape[1])
+    pixels = _to_uint8(frames.images[:, :n], (-1.0, 1.0))  # (N, n, H, W, 3), converted once
+    pngs = [[_png(_resize(Image.fromarray(p), size)) for p in frame] for frame in pixels]
+    labels = []
+    for k, s in enumerate(frames.scales):
+        changed = frames.changed(k)[:n].mean().item()
+        labels.append(
+            f"<b>guidance scale s = {s:g}</b> &nbsp; e = e<sub>neg</sub> + {s:g} (e<sub>cond</sub> &minus; e<sub>neg</sub>)"
+            + (" &nbsp; (s &le; 1: the conditional prediction alone; no negative prompt)" if s <= 1 else "")
+            + (f" &nbsp; {changed:.0%} of the pixels differ from s = {frames.scales[0]:g}" if k else "")
+            + f" &nbsp; (seed {seed})")
     slider = widgets.SelectionSlider(options=frames.scales, value=frames.scales[0], description="scale s",
-                                     continuous_update=True, layout=widgets.Layout(width="60%"))
-    image = widgets.Image(value=pngs[0], format="png")
+                                     continuous_update=True, layout=widgets.Layout(width="480px"))
+    images = [_image(png) for png in pngs[0]]
     label = widgets.HTML(labels[0])
-    explorer = GuidanceExplorer(widgets.VBox([slider, label, image]), slider, image, label, frames, pngs, labels)
+    captions = [f"<i>{text}</i>" + (f"<br><b>not:</b> {negative}" if negative else "")
+                for text, negative in zip(frames.prompts, frames.negative_prompts or [""] * n)]
+    panels = _row([_titled(caption, image) for caption, image in zip(captions, images)])
+    explorer = GuidanceExplorer(widgets.VBox([slider, label, panels]), slider, images, label, frames, pngs, labels)
     slider.observe(explorer._on_change, names="value")
     return explorer
 
@@ -571,9 +736,27 @@ def _heatmap(image: torch.Tensor, attention: torch.Tensor, size: int, alpha: flo
     return _resize(Image.fromarray((blend * 255).round().astype(np.uint8)), size)
 
 
+def _colour_scale(peak: float, height: int) -> Image.Image:
+    """The heat map's colour scale: inferno from 0 (bottom) to the map's peak probability (top)."""
+    fig = Figure(figsize=(1.1, height / STYLE["figure.dpi"]), dpi=STYLE["figure.dpi"], facecolor="white")
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((0.08, 0.06, 0.22, 0.88))
+    ax.imshow(np.linspace(1, 0, 128)[:, None], aspect="auto", cmap="inferno", extent=(0, 1, 0, peak))
+    ax.set_xticks([])
+    ax.yaxis.tick_right()
+    ax.set_yticks([0, peak / 2, peak], [f"{v:.1%}" for v in (0, peak / 2, peak)], fontsize=8)
+    ax.set_title("attention", fontsize=8)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return Image.open(buffer)
+
+
 @dataclass
-class AttentionViewer:
-    """The cross-attention viewer and its parts. Displays as `widget`; set `dropdown.value = k` (a token index)."""
+class AttentionViewer(_ShowsPicture):
+    """The cross-attention viewer and its parts. Displays as `widget`; set `dropdown.value = k` (a token index).
+
+    Each token's heat map is scaled to its own peak; `scale` shows that colour scale in attention probability.
+    """
 
     widget: widgets.VBox
     dropdown: widgets.Dropdown
@@ -583,14 +766,24 @@ class AttentionViewer:
     attention: TokenAttention
     pngs: list = field(repr=False)  # one heat map PNG per token of the prompt
     labels: list = field(repr=False)
+    scale: widgets.Image | None = None
+    scale_pngs: list = field(repr=False, default_factory=list)  # one colour scale per token
 
     def _on_change(self, change) -> None:
         k = change["new"]
         self.heatmap.value = self.pngs[k]
+        if self.scale is not None:
+            self.scale.value = self.scale_pngs[k]
         self.label.value = self.labels[k]
 
-    def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)
+    def picture(self) -> bytes:
+        """The image, then every token's heat map (up to 9 tokens)."""
+        a = self.attention
+        shown = list(range(min(len(a.tokens), 9)))
+        side = a.image.shape[-1]
+        rows = [[np.asarray(_pil(a.image))] + [np.asarray(_heatmap(a.image, a.maps[k], side)) for k in shown]]
+        captions = ["image"] + [_token_label(a.tokens[k]) for k in shown]
+        return key_frames_png(rows, captions, title=f"cross-attention per token, each map scaled to its own peak: {a.prompt}")
 
 
 def attention_viewer(pipe, prompt: str, steps: int = 25, guidance_scale: float = 7.5, sampler: str | None = None,
@@ -612,10 +805,12 @@ def attention_viewer(pipe, prompt: str, steps: int = 25, guidance_scale: float =
         raise ValueError(f"start must be a token index in 0..{n - 1}, got {start}.")
     dropdown = widgets.Dropdown(options=[(f"{i}: {_token_label(t)}", i) for i, t in enumerate(attention.tokens)], value=k,
                                 description="token")
-    image = widgets.Image(value=_png(_resize(_pil(attention.image), size)), format="png")
-    heatmap = widgets.Image(value=pngs[k], format="png")
+    scale_pngs = [_png(_colour_scale(float(attention.maps[i].max()), size)) for i in range(n)]
+    image = _image(_png(_resize(_pil(attention.image), size)))
+    heatmap = _image(pngs[k], margin="0 2px 6px 0")
+    scale = _image(scale_pngs[k])
     label = widgets.HTML(labels[k])
-    viewer = AttentionViewer(widgets.VBox([dropdown, label, widgets.HBox([image, heatmap])]), dropdown, image, heatmap,
-                             label, attention, pngs, labels)
+    viewer = AttentionViewer(widgets.VBox([dropdown, label, _row([image, heatmap, scale])]), dropdown, image, heatmap,
+                             label, attention, pngs, labels, scale, scale_pngs)
     dropdown.observe(viewer._on_change, names="value")
     return viewer

@@ -1,5 +1,6 @@
 """Widgets are driven as a learner drives them, by setting `.value`, and must show the right frame."""
 
+import base64
 import io
 
 import numpy as np
@@ -95,8 +96,9 @@ def test_denoising_stepper_shows_the_step_of_the_slider_and_plays():
     noise = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     record = record_sampling(fake_model, get_sampler("ddpm"), noise, steps=6, generator=torch.Generator().manual_seed(1))
     stepper = denoising_stepper(record, size=32)
+    assert (stepper.slider.min, stepper.slider.max, stepper.slider.value) == (1, 6, 1)  # steps count from 1
     before = {name: image.value for name, image in stepper.images.items()}
-    stepper.slider.value = 4
+    stepper.slider.value = 5
     for name, widget in stepper.images.items():
         assert widget.value == stepper.pngs[name][4] != before[name]
     # the x0 panel shows record.x0_pred[4]: two images in a row, each 16 -> 32 pixels, 2-pixel gaps
@@ -105,8 +107,9 @@ def test_denoising_stepper_shows_the_step_of_the_slider_and_plays():
         left = 2 + j * 34
         assert np.array_equal(shown[2:34:2, left : left + 32 : 2], np.asarray(to_pil(record.x0_pred[4, j])))
     assert "step 5 of 6" in stepper.label.value and f"t = {record.timesteps[4]:g}" in stepper.label.value
-    stepper.play.value = 2  # the play button drives the slider
-    assert stepper.slider.value == 2 and stepper.images["x_t"].value == stepper.pngs["x_t"][2]
+    stepper.play.value = 3  # the play button drives the slider
+    assert stepper.slider.value == 3 and stepper.images["x_t"].value == stepper.pngs["x_t"][2]
+    assert "step 3 of 6" in stepper.label.value
     assert WIDGET_VIEW in stepper._repr_mimebundle_()
 
 
@@ -174,8 +177,9 @@ def test_latent_stepper_shows_decoded_frames_of_the_slider_step(pipe):
     stepper = latent_stepper(pipe, PROMPT, steps=3, guidance_scale=3.0, seed=1, size=32)
     assert set(stepper.images) == {"x_t", "x0_pred", "eps_pred"}
     assert "decoded" in stepper.widget.children[2].children[0].children[0].value  # latent titles
+    assert "3 of 4 channels" in stepper.widget.children[2].children[2].children[0].value
     first = stepper.images["x0_pred"].value
-    stepper.slider.value = 2
+    stepper.slider.value = 3
     assert stepper.images["x0_pred"].value == stepper.pngs["x0_pred"][2] != first
     assert stepper.images["x_t"].value == stepper.pngs["x_t"][2]
     shown = decode(stepper.images["x_t"].value)[2:34, 2:34]  # 2-pixel border, 32 px image
@@ -196,9 +200,14 @@ def test_guidance_frames_are_the_pipeline_images_at_each_scale(pipe):
     explorer = guidance_explorer(pipe, PROMPT, scales=(1, 3, 7.5), steps=3, seed=5, size=32)
     assert explorer.slider.value == 1.0
     explorer.slider.value = 7.5
-    assert explorer.image.value == explorer.pngs[2] != explorer.pngs[0]
-    assert np.array_equal(decode(explorer.image.value)[2:34, 2:34], np.asarray(to_pil(explorer.frames.images[2, 0])))
+    assert [image.value for image in explorer.images] == explorer.pngs[2] != explorer.pngs[0]
+    assert np.array_equal(decode(explorer.images[0].value), np.asarray(to_pil(explorer.frames.images[2, 0])))
     assert "s = 7.5" in explorer.label.value
+    changed = explorer.frames.changed(2).item()  # the share of pixels that moved from s = 1, in the label
+    assert f"{changed:.0%} of the pixels differ from s = 1" in explorer.label.value
+    moved = ((frames.images[2] - frames.images[0]).abs().amax(1) > 1e-3).float().mean().item()
+    assert explorer.frames.changed(2, threshold=1e-3).item() == pytest.approx(moved) and moved > 0
+    assert PROMPT in explorer.widget.children[2].children[0].children[0].value  # each panel captioned with its prompt
     with pytest.raises(ValueError, match="distinct"):
         guidance_frames(pipe, PROMPT, scales=(2, 2))
 
@@ -236,6 +245,31 @@ def test_attention_viewer_shows_the_map_of_the_chosen_token(pipe):
     assert viewer.dropdown.value == 1 and "<b>a</b>" in viewer.label.value  # the first word
     viewer.dropdown.value = 3  # "red"
     assert viewer.heatmap.value == viewer.pngs[3] and "red" in viewer.label.value
+    assert viewer.scale.value == viewer.scale_pngs[3] and len(viewer.scale_pngs) == n  # the colour scale follows the token
     assert viewer.pngs[3] != viewer.pngs[0]
     with pytest.raises(ValueError, match="start"):
         attention_viewer(pipe, PROMPT, steps=1, start=n)
+
+
+def test_every_widget_displays_with_a_saved_picture_of_its_key_frames(pipe):
+    """In a notebook each widget leaves two outputs: the live widget (text: run the cell) and a PNG of key frames."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from sdlearn.widgets import RUN_TO_RESTORE, attention_viewer, guidance_explorer, latent_stepper
+
+    image = Image.new("RGB", (32, 32), "white")
+    record = record_sampling(fake_model, get_sampler("ddim"), torch.randn(1, 3, 8, 8), steps=4)
+    made = [noise_explorer(image, size=32), denoising_stepper(record, size=16),
+            latent_stepper(pipe, PROMPT, steps=2, seed=0, size=32),
+            guidance_explorer(pipe, [PROMPT, "a blue square"], scales=(1, 4), steps=2, seed=0, size=32),
+            attention_viewer(pipe, PROMPT, steps=2, seed=0, size=32)]
+    shell = InteractiveShell.instance()
+    for widget in made:
+        published = []
+        shell.display_pub.publish = lambda data, **kwargs: published.append(data)
+        widget._ipython_display_()
+        assert [sorted(data) for data in published] == [sorted([WIDGET_VIEW, "text/plain"]), ["image/png", "text/plain"]]
+        assert published[0]["text/plain"] == RUN_TO_RESTORE
+        png = published[1]["image/png"]
+        picture = decode(base64.b64decode(png) if isinstance(png, str) else png)  # IPython may give base64 text
+        assert picture.shape[0] > 60 and picture.shape[1] > 100 and picture.std() > 10  # a drawn picture, not blank
