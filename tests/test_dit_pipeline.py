@@ -104,6 +104,9 @@ def test_same_image_as_diffusers_from_a_diffusers_folder(tmp_path, guidance_scal
     value = psnr(mine, theirs)
     print(f"DiTPipeline parity (diffusers folder, DDIM, guidance {guidance_scale}): PSNR {value:.1f} dB")
     assert value >= 40
+    assert mine.std() > 0.02  # an image, not a flat colour that any two pipelines would agree on
+    if guidance_scale > 1:  # the guided path was taken: the image differs from the unguided one
+        assert (mine - ours.generate(labels, guidance_scale=1.0, steps=6, seed=3, output_type="tensor")).abs().max() > 1e-3
 
 
 def test_flow_matching_dit_same_image_as_diffusers(tmp_path):

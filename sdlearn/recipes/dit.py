@@ -213,7 +213,12 @@ def train_dit(out: Path, config: DiTRecipeConfig, objective: str = "eps", overwr
     """Train, save the DiTPipeline folder and training.json to `out`, return the record."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}.")
+    if not 0 <= config.p_uncond <= 1:
+        raise ValueError(f"p_uncond must be a probability in [0, 1], got {config.p_uncond}.")
     out = Path(out)
+    dit_config = config.dit_config()  # a bad size is refused here, before anything is written
+    if vae_folder is not None and not (Path(vae_folder) / "config.json").is_file():
+        raise FileNotFoundError(f"--vae {vae_folder} holds no config.json; expected a diffusers AutoencoderKL folder.")
     work = prepare_work_folder(out, OUTPUTS, "a DiT pipeline", resume, overwrite)
     wall, cpu = time.perf_counter(), time.process_time()
     vae = load_tiny_vae(vae_folder).eval().requires_grad_(False)
@@ -226,7 +231,6 @@ def train_dit(out: Path, config: DiTRecipeConfig, objective: str = "eps", overwr
     precompute_seconds = time.perf_counter() - wall
 
     torch.manual_seed(config.seed)
-    dit_config = config.dit_config()
     model = EMATrainee(DiT(dit_config), config.ema_decay)
     schedule = NoiseSchedule(1000, EPS_SCHEDULER["beta_start"], EPS_SCHEDULER["beta_end"], EPS_SCHEDULER["beta_schedule"])
     loss = EMALoss(DiTLoss(objective, schedule))
