@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.sdlearn-installed
 
-.PHONY: lab test test-fast notebooks bench clean-venv train-clip train-tiny-vae train-classifier train-ddpm train-mini-sd train-lora-star train-ti-sun train-ti-star train-hypernetwork-star train-dreambooth-star
+.PHONY: lab test test-fast notebooks bench clean-venv train-clip train-tiny-vae train-classifier train-ddpm train-mini-sd train-lora-star train-ti-sun train-ti-star train-hypernetwork-star train-dreambooth-star train-dit-shapes train-dit-flow
 
 # Create the virtual environment once, and reinstall whenever the pins change.
 $(STAMP): requirements.txt pyproject.toml
@@ -37,7 +37,7 @@ notebooks: $(STAMP)
 # Each target takes overrides on the command line, defaults being the shipped run's:
 #   OUT      the folder to write (default: the shipped one in data/; OVERWRITE=1 replaces it)
 #   STEPS    training steps
-#   SAMPLES  evaluation samples (train-ddpm, train-mini-sd; HELDOUT: held-out prompts of train-mini-sd)
+#   SAMPLES  evaluation samples (train-ddpm, train-mini-sd, train-dit-*; HELDOUT: held-out prompts of train-mini-sd)
 #   ARGS     more options for the recipe, EVAL_ARGS for the evaluation that follows it
 # e.g. `make train-ddpm OUT=/tmp/ddpm STEPS=20 SAMPLES=4`. INSTALL= skips the virtual
 # environment's install step (with PY=some/python, as tests/test_commands.py runs every target).
@@ -125,3 +125,22 @@ train-dreambooth-star: $(INSTALL)
 	$(CONCEPT_EVAL) --adapter $(OUT)/with-prior $(EVAL_ARGS) --json $(OUT)/with-prior/evaluation.json
 	$(PERSONALISE) --method dreambooth --concept star --prior-weight 0 --out $(OUT)/without-prior --steps $(STEPS) --threads 1 $(ARGS) $(if $(OVERWRITE),--overwrite)
 	$(CONCEPT_EVAL) --adapter $(OUT)/without-prior $(EVAL_ARGS) --json $(OUT)/without-prior/evaluation.json
+
+# Lesson 14: a class-conditional DiT on the tiny VAE's latents (32 classes, "red circle" ...), a DiTPipeline folder,
+# trained twice: DDPM's eps objective (DDIM) and flow matching (flow_euler); the evaluations compare them per step count.
+DIT = $(PY) -m sdlearn.recipes.dit
+DIT_EVAL = $(PY) -m sdlearn.evaluate --threads 1 dit
+
+train-dit-shapes: OUT = data/dit-shapes
+train-dit-shapes: STEPS = 4000
+train-dit-shapes: SAMPLES = 200
+train-dit-shapes: $(INSTALL)
+	$(DIT) --out $(OUT) --objective eps --steps $(STEPS) --threads 1 $(ARGS) $(if $(OVERWRITE),--overwrite)
+	$(DIT_EVAL) --model $(OUT) --n $(SAMPLES) $(EVAL_ARGS) --json $(OUT)/evaluation.json
+
+train-dit-flow: OUT = data/dit-flow-shapes
+train-dit-flow: STEPS = 4000
+train-dit-flow: SAMPLES = 200
+train-dit-flow: $(INSTALL)
+	$(DIT) --out $(OUT) --objective flow --steps $(STEPS) --threads 1 $(ARGS) $(if $(OVERWRITE),--overwrite)
+	$(DIT_EVAL) --model $(OUT) --n $(SAMPLES) $(EVAL_ARGS) --json $(OUT)/evaluation.json

@@ -31,6 +31,11 @@ Command line:
                                                      and what it draws when asked for a star, a word
                                                      it was never taught (`unknown_word`)
 
+    python -m sdlearn.evaluate dit --model data/dit-shapes [--n 200] [--steps 2 4 8 25]
+                                                     a class-conditional DiT (lesson 14) asked for each of
+                                                     its 32 classes in turn: colour, shape and both right,
+                                                     per step count of the folder's sampler
+
 Without --guidance, ddpm and text-to-image use the scale the model's training.json records
 (`recommended_guidance`), else 1 (DDPM) or TEXT_TO_IMAGE_GUIDANCE (4).
 
@@ -401,6 +406,40 @@ def format_unknown_word_report(row: Mapping) -> str:
 # ---------------------------------------------------------------------------------------
 
 
+DIT_GUIDANCE = 4.0  # diffusers' DiTPipeline's default guidance scale
+DIT_STEPS = (2, 4, 8, 25)  # few steps are where flow matching and DDIM differ
+
+
+def dit_report(pipe, n: int = 200, steps=DIT_STEPS, guidance_scale: float = DIT_GUIDANCE, seed: int = 0,
+               classifier=None, batch_size: int = 50) -> dict:
+    """Colour, shape and both right for n samples of a class-conditional DiT, per step count.
+
+    Sample i asks for class i mod 32 (every class as often as n allows), in batches of
+    batch_size drawn with seed + batch index; the referee reads colour and shape
+    (`faithfulness`). Returns {steps: {"colour", "shape", "both", "seconds"}}.
+    """
+    names = [pipe.id2label[i % len(pipe.id2label)] for i in range(n)]
+    requested = [dict(zip(("colour", "shape"), name.split())) for name in names]
+    report = {}
+    for k in steps:
+        began = time.perf_counter()
+        images = torch.cat([pipe.generate(names[i:i + batch_size], guidance_scale=guidance_scale, steps=k,
+                                          seed=seed + i // batch_size, output_type="tensor")
+                            for i in range(0, n, batch_size)]) * 2 - 1  # (n, 3, 64, 64) in [-1, 1]
+        scores = faithfulness(images, requested, classifier)
+        report[k] = {"colour": scores["colour"]["accuracy"], "shape": scores["shape"]["accuracy"],
+                     "both": scores["all"]["accuracy"], "seconds": round(time.perf_counter() - began, 1)}
+    return report
+
+
+def format_dit_report(report: Mapping, n: int, sampler: str, guidance_scale: float) -> str:
+    lines = [f"DiT, {n} samples over its classes, {sampler}, guidance {guidance_scale:g}: the referee reads",
+             f"{'steps':>6} {'colour':>8} {'shape':>8} {'both':>8}"]
+    for k, row in report.items():
+        lines.append(f"{k:>6} {100 * row['colour']:7.1f}% {100 * row['shape']:7.1f}% {100 * row['both']:7.1f}%")
+    return "\n".join(lines)
+
+
 MAX_COUNT = 100_000  # images per figure the command accepts (200 take minutes; far more would run for days)
 
 
@@ -435,6 +474,14 @@ def build_parser():
     p.add_argument("--heldout", type=count, default=100, help="prompts of the held-out pairs, and as many asking for a star (a word mini-SD was never taught)")
     p.add_argument("--steps", type=POSITIVE_INT, default=25)
     p.add_argument("--guidance", type=FINITE_FLOAT, default=None, help="guidance scale (default: the model's recorded choice, else 4)")
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--json", type=Path, default=None, help="also write the report to this JSON file")
+    p = commands.add_parser("dit", help="colour and shape accuracy of a class-conditional DiT (lesson 14) per step count")
+    p.add_argument("--model", required=True, help="a DiTPipeline folder (e.g. data/dit-shapes, data/dit-flow-shapes)")
+    p.add_argument("--classifier", default=None, help="classifier folder (default data/shapes-classifier)")
+    p.add_argument("--n", type=count, default=200, help="samples, over all classes in turn")
+    p.add_argument("--steps", type=POSITIVE_INT, nargs="+", default=list(DIT_STEPS))
+    p.add_argument("--guidance", type=FINITE_FLOAT, default=DIT_GUIDANCE, help=f"guidance scale (default {DIT_GUIDANCE:g}, diffusers' DiTPipeline's)")
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the report to this JSON file")
     p = commands.add_parser("concept", help="what a personalise run (LoRA, embedding, DreamBooth, hypernetwork) taught, and what it broke")
@@ -477,6 +524,16 @@ def prepare(args) -> dict:
         for name in args.samplers:
             sampler_from_config(pipe.scheduler_config, name).set_timesteps(args.steps)
         prepared.update(model=model, pipe=pipe)
+    elif args.command == "dit":
+        from sdlearn.pipeline.dit import DiTPipeline
+
+        pipe = DiTPipeline.from_pretrained(args.model)
+        if not pipe.id2label or not all(len(name.split()) == 2 for name in pipe.id2label.values()):
+            raise ValueError(f"--model {args.model}: its class names should read like 'red circle' (colour shape) for "
+                             "the referee; this evaluation is for sdlearn.recipes.dit's models.")
+        for k in args.steps:
+            pipe.make_sampler().set_timesteps(k)
+        prepared.update(model=args.model, pipe=pipe)
     elif args.command == "concept":
         from sdlearn.pipeline.loading import load_pipeline
         from sdlearn.concepts import CONCEPTS, read_record
@@ -555,6 +612,18 @@ def main(argv=None) -> int:
             out = {"command": command, "n": args.n, "heldout": args.heldout, "steps": args.steps, "guidance_scale": guidance,
                    "seed": args.seed, "torch_threads": torch.get_num_threads(), "cpu": cpu_name(),
                    "seconds": round(time.perf_counter() - began, 1), "samplers": report, "unknown_word": unknown}
+            return save_report(parser.prog, args.json, out)
+        return 0
+    if args.command == "dit":
+        began = time.perf_counter()
+        pipe = prepared["pipe"]
+        report = dit_report(pipe, args.n, tuple(args.steps), args.guidance, args.seed, classifier)
+        print(format_dit_report(report, args.n, pipe.default_sampler, args.guidance))
+        if args.json is not None:
+            out = {"command": command, "model": str(args.model), "n": args.n, "sampler": pipe.default_sampler,
+                   "guidance_scale": args.guidance, "seed": args.seed, "torch_threads": torch.get_num_threads(),
+                   "cpu": cpu_name(), "seconds": round(time.perf_counter() - began, 1),
+                   "results": [{"steps": k, **row} for k, row in report.items()]}
             return save_report(parser.prog, args.json, out)
         return 0
     if args.command == "concept":

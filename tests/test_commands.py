@@ -32,6 +32,9 @@ TINY = {
                    "ARGS": "--batch-size 4 --train-images 32 --channels 8 8 8 --eval-samples 0 --no-progress"},
     "train-mini-sd": {"STEPS": "2", "SAMPLES": "2", "HELDOUT": "1", "EVAL_ARGS": "--steps 2", "ARGS": "--smoke --no-progress"},
 }
+DIT_TINY = {"STEPS": "2", "SAMPLES": "2", "EVAL_ARGS": "--steps 2", "ARGS": "--layers 1 --head-dim 8 --batch-size 4 --train-images 32 --no-progress"}
+TINY["train-dit-shapes"] = DIT_TINY
+TINY["train-dit-flow"] = DIT_TINY
 # Lesson 12's runs: a learning rate large enough that two steps visibly change the image.
 PERSONALISE_ARGS = "--n-images 8 --batch-size 2 --n-prior 2 --sample-steps 2 --lr 0.05 --no-progress"
 for _target in ("train-lora-star", "train-ti-sun", "train-ti-star", "train-hypernetwork-star", "train-dreambooth-star"):
@@ -43,6 +46,7 @@ COVERED = {
     ("evaluate", "ddpm"): "tests/test_commands.py::test_make_target[train-ddpm]",
     ("evaluate", "text-to-image"): "tests/test_commands.py::test_make_target[train-mini-sd]",
     ("evaluate", "concept"): "tests/test_commands.py::test_make_target[train-lora-star]",
+    ("evaluate", "dit"): "tests/test_commands.py::test_make_target[train-dit-shapes]",
     ("sdlearn", "generate"): "tests/test_cli.py::test_python_dash_m_sdlearn",
 }
 
@@ -118,8 +122,28 @@ def check_output(target: str, out: Path, stdout: str) -> None:
     elif target == "train-dreambooth-star":
         for variant in ("with-prior", "without-prior"):
             check_personalise_run(out / variant, "dreambooth")
+    elif target in ("train-dit-shapes", "train-dit-flow"):
+        check_dit_run(out, "eps" if target == "train-dit-shapes" else "flow", stdout)
     else:
         pytest.fail(f"no check written for {target}: add one to check_output and TINY")
+
+
+def check_dit_run(out: Path, objective: str, stdout: str) -> None:
+    """A lesson-14 run: a DiTPipeline folder both sdlearn and diffusers open, its record and its evaluation."""
+    from diffusers import DiTPipeline as DiffusersDiTPipeline
+
+    from sdlearn.pipeline.dit import DiTPipeline
+
+    record = json.loads((out / "training.json").read_text())
+    assert record["objective"] == objective and record["steps"] == 2 and record["cpu"] and record["loss"]["last_100"] > 0
+    pipe = DiTPipeline.from_pretrained(out)
+    assert pipe.get_label_ids(["red circle", "pink cross"]) == [0, 31] and pipe.is_flow == (objective == "flow")
+    theirs = DiffusersDiTPipeline.from_pretrained(out)
+    assert theirs.get_label_ids(["red circle", "pink cross"]) == [0, 31]
+    report = json.loads((out / "evaluation.json").read_text())
+    assert report["n"] == 2 and f"--model {out}" in report["command"] and [row["steps"] for row in report["results"]] == [2]
+    assert all(0 <= row["both"] <= min(row["colour"], row["shape"]) for row in report["results"])
+    assert "colour" in stdout and "shape" in stdout
 
 
 def check_personalise_run(out: Path, method: str) -> None:
@@ -178,6 +202,10 @@ def test_make_targets_default_to_the_shipped_runs():
                                         ("hypernetwork", "star", "data/hypernetwork-star", 800)):
         assert f"sdlearn.recipes.personalise --method {method} --concept {concept} --out {out} --steps {steps}" in lines
         assert f"sdlearn.evaluate --threads 1 concept --adapter {out}  --json {out}/evaluation.json" in lines
+    assert "sdlearn.recipes.dit --out data/dit-shapes --objective eps --steps 4000 --threads 1" in lines
+    assert "sdlearn.recipes.dit --out data/dit-flow-shapes --objective flow --steps 4000 --threads 1" in lines
+    for out in ("data/dit-shapes", "data/dit-flow-shapes"):
+        assert f"sdlearn.evaluate --threads 1 dit --model {out} --n 200  --json {out}/evaluation.json" in lines
     for variant, weight in (("with-prior", 1), ("without-prior", 0)):
         assert (f"sdlearn.recipes.personalise --method dreambooth --concept star --prior-weight {weight} "
                 f"--out data/dreambooth-star/{variant} --steps 400") in lines

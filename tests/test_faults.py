@@ -461,12 +461,21 @@ RECIPE_FAULTS = {
         (["train-tiny", "OUT", "--batch-size", "64", "--n-images", "10"], "batch_size 64 is larger than the 10 images"),
     ],
 }
+RECIPE_FAULTS["sdlearn.recipes.dit"] = [
+    (["--steps", "-1"], "--steps must be at least 1, got -1"),
+    (["--lr", "nan"], "--lr must be a finite number, got nan"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--objective", "v"], "invalid choice: 'v'"),
+    (["--heads", "3", "--head-dim", "5"], "must be a multiple of 4"),
+    (["--vae", "/nonexistent"], "--vae /nonexistent holds no config.json"),
+]
 LEFTOVERS = {  # a file of a previous model in --out
     "sdlearn.recipes.ddpm": "unet/diffusion_pytorch_model.safetensors",
     "sdlearn.recipes.mini_sd": "unet/config.json",
     "sdlearn.recipes.tiny_vae": "diffusion_pytorch_model.safetensors",
     "sdlearn.recipes.classifier": "model.safetensors",
     "sdlearn.recipes.clip": "text_encoder/model.safetensors",
+    "sdlearn.recipes.dit": "transformer/diffusion_pytorch_model.safetensors",
 }
 
 
@@ -483,7 +492,7 @@ def test_recipes_refuse_bad_arguments_and_leftovers_before_training(module, tmp_
     def trained(*args, **kwargs):
         raise AssertionError("training started before the argument error")
 
-    for name in ("ddpm", "mini_sd", "tiny_vae", "classifier", "clip"):  # first: importing a recipe binds the real train
+    for name in ("ddpm", "mini_sd", "tiny_vae", "classifier", "clip", "dit"):  # first: importing a recipe binds the real train
         monkeypatch.setattr(f"sdlearn.recipes.{name}.train", trained)
     monkeypatch.setattr(sdlearn.train, "train", trained)
     out = tmp_path / "model"
