@@ -13,7 +13,7 @@ caption for an image, on seen or held-out pairs.
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -136,6 +136,13 @@ BUDGET_SECONDS = 120  # a lesson's run on a 2-core CPU
 LONGER_BUDGETS = {"12_personalisation.ipynb": 180}  # four short training runs: three minutes
 
 
+CPU_CLASSES = ("native bf16", "no native bf16")  # the two kinds of 2-core CPU the course is timed on
+
+
+def cpu_class(native_bf16: bool) -> str:
+    return CPU_CLASSES[0] if native_bf16 else CPU_CLASSES[1]
+
+
 @dataclass
 class LessonTime:
     """How long one lesson's cells ran when its saved outputs were made (from the notebook's metadata)."""
@@ -144,6 +151,12 @@ class LessonTime:
     seconds: float  # the sum of its cells' times (nbclient's per-cell start and end)
     cpu: str | None  # the CPU that ran it, where tools/execute_notebooks.py recorded it
     native_bf16: bool | None
+    runs: dict = field(default_factory=dict)  # CPU class -> {"cpu", "seconds", "torch_threads"}: the latest run on each
+
+    def seconds_on(self, cpu_class: str) -> float | None:
+        """The lesson's time on that class of CPU (CPU_CLASSES), or None where no run on one is recorded."""
+        run = self.runs.get(cpu_class)
+        return None if run is None else run["seconds"]
 
     @property
     def budget(self) -> int:
@@ -185,5 +198,6 @@ def lesson_times(folder=None, exclude=()) -> list:
             raise ValueError(f"{path.name}: {len(code) - len(timed)} of {len(code)} code cells have no recorded run time; "
                              f"re-execute it with tools/execute_notebooks.py")
         run = nb.get("metadata", {}).get("sdlearn", {})
-        result.append(LessonTime(path.name, round(sum(_cell_seconds(c) for c in code), 1), run.get("cpu"), run.get("native_bf16")))
+        result.append(LessonTime(path.name, round(sum(_cell_seconds(c) for c in code), 1), run.get("cpu"), run.get("native_bf16"),
+                                 run.get("runs", {})))
     return result

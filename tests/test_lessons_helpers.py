@@ -1,5 +1,7 @@
 """sdlearn.lessons: the tables lessons print are derived from the package and match the published layouts."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -64,3 +66,29 @@ def test_the_shipped_lessons_have_their_times_recorded():
 
     times = lesson_times()
     assert len(times) >= 12 and all(t.seconds > 0 for t in times)
+
+
+def test_lesson_times_keep_the_latest_run_on_each_class_of_cpu(tmp_path, monkeypatch):
+    import importlib.util
+
+    from sdlearn.lessons import CPU_CLASSES, lesson_times
+
+    spec = importlib.util.spec_from_file_location("execute_notebooks", Path(__file__).parents[1] / "tools" / "execute_notebooks.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    monkeypatch.setattr("sdlearn.train.native_bf16", lambda: False)
+    slow = tool.run_record(150.0, {"native bf16": {"cpu": "Fast CPU", "torch_threads": 2, "seconds": 50.0}})
+    assert slow["native_bf16"] is False and slow["seconds"] == 150.0
+    assert slow["runs"]["native bf16"]["seconds"] == 50.0 and slow["runs"]["no native bf16"]["seconds"] == 150.0  # both kept
+    _timed_notebook(tmp_path / "01_a.ipynb", [1.0], slow)
+    (t,) = lesson_times(tmp_path)
+    assert [t.seconds_on(c) for c in CPU_CLASSES] == [50.0, 150.0]
+    _timed_notebook(tmp_path / "01_a.ipynb", [1.0], {"cpu": "Fast CPU", "native_bf16": True, "seconds": 50.0})
+    assert lesson_times(tmp_path)[0].seconds_on("no native bf16") is None  # never run on such a CPU: no number
+
+
+def test_every_shipped_lesson_records_the_run_its_outputs_came_from():
+    from sdlearn.lessons import cpu_class, lesson_times
+
+    for t in lesson_times():
+        assert t.runs[cpu_class(t.native_bf16)]["cpu"] == t.cpu, t.name
