@@ -9,6 +9,9 @@ arrive later than that, and nbval then fails the cell although it ran. We raise 
 Lessons with widgets run in a real browser (tests/test_browser.py) when Chromium is installed:
 their nbval cells are then left out, since Run All in JupyterLab runs the same cells.
 
+Order: long files first (the browser tests, then the notebooks by their recorded run time), so
+that pytest-xdist, which hands files to workers in collection order, ends with short ones.
+
 Workers: `make test` runs pytest with one worker process per CPU core (pytest-xdist, `-n auto
 --dist loadfile`: a file, or a notebook's cells, stays on one worker, in order). Each worker
 then uses one torch thread, and so do the notebook kernels it starts (they inherit
@@ -39,6 +42,35 @@ def pytest_collection_modifyitems(config, items):
                 if not (type(item).__name__ == "IPyNbCell" and os.path.basename(str(item.fspath)) in run_in_browser)]
         config.hook.pytest_deselected(items=[item for item in items if item not in kept])
         items[:] = kept
+    items.sort(key=_longest_first)  # stable: each file's own order is kept
+
+
+def _longest_first(item) -> tuple:
+    """Start the long files first, so that short ones fill the workers' tails (pytest-xdist hands out
+    files in this order): the browser tests, then the notebooks by their recorded run time, then the rest."""
+    name = os.path.basename(str(item.fspath))
+    if name == "test_browser.py":
+        return (0, 0.0)
+    if name.endswith(".ipynb"):
+        return (1, -_recorded_seconds().get(name, 0.0))
+    return (2, 0.0)
+
+
+def _recorded_seconds() -> dict:
+    global _SECONDS
+    if _SECONDS is None:
+        import json
+
+        folder = os.path.join(os.path.dirname(__file__), "notebooks")
+        _SECONDS = {}
+        for name in os.listdir(folder):
+            if name.endswith(".ipynb"):
+                with open(os.path.join(folder, name), encoding="utf-8") as f:
+                    _SECONDS[name] = json.load(f).get("metadata", {}).get("sdlearn", {}).get("seconds", 0.0)
+    return _SECONDS
+
+
+_SECONDS = None
 
 
 def _lessons_run_in_the_browser(items) -> set:

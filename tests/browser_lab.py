@@ -209,7 +209,7 @@ def drag_slider(page, root, fraction: float) -> None:
     page.mouse.up()
 
 
-def check_widget(page, root, name: str, screenshots: Path) -> list:
+def check_widget(page, root, name: str, screenshots: Path, timeout_s: float = 15) -> list:
     """Check one rendered widget as a learner uses it; returns the list of checks done (raises on a failure)."""
     done = []
     text = root.inner_text()
@@ -228,7 +228,7 @@ def check_widget(page, root, name: str, screenshots: Path) -> list:
         handle = root.locator(".noUi-handle").first.bounding_box()
         at = (handle["x"] + handle["width"] / 2 - track["x"]) / track["width"]
         drag_slider(page, root, 0.1 if at > 0.5 else 0.8)  # well away from where a lesson cell left it
-        wait_for_change(root, before, f"{name}: dragging the slider")
+        wait_for_change(root, before, f"{name}: dragging the slider", timeout_s)
         after = settle(root)
         assert after["readout"] != before["readout"], f"{name}: the slider's readout did not move"
         if any(label.startswith("step ") for label in after["labels"]):  # one step numbering everywhere
@@ -249,8 +249,11 @@ def check_widget(page, root, name: str, screenshots: Path) -> list:
         later = widget_state(root)
         assert int(later["readout"]) > int(after["readout"]) > int(before["readout"]), \
             f"{name}: play did not advance the frames ({before['readout']} -> {after['readout']} -> {later['readout']})"
-        root.locator(".widget-play button").nth(2).click()  # stop
-        done.append("play advances the frames")
+        root.locator(".widget-play button:has(i.fa-stop)").click()
+        stopped = settle(root)
+        time.sleep(0.6)
+        assert widget_state(root)["readout"] == stopped["readout"], f"{name}: the stop button did not stop the play"
+        done.append("play advances the frames, stop stops them")
 
     if root.locator("select").count():
         select = root.locator("select").first
