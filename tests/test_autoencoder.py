@@ -274,3 +274,23 @@ def test_decode_grid_and_interpolate():
         assert torch.allclose(path[0], model(x[:1])[0], atol=1e-5) and torch.allclose(path[-1], model(x[1:])[0], atol=1e-5)
     with pytest.raises(ValueError, match="2-D latent"):
         ae.decode_grid(ae.Autoencoder.from_config(ae.AutoencoderConfig.small()), (0, 0), (1, 1))
+
+
+def test_the_teaching_models_keep_their_convolutions_channels_last_with_the_same_outputs():
+    """A layout for speed only: the same model with ordinary (NCHW) weights gives the same outputs."""
+    import copy
+
+    from sdlearn.autoencoder import Autoencoder, AutoencoderConfig, VAE
+
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    for cls in (Autoencoder, VAE):
+        torch.manual_seed(0)
+        model = cls.from_config(AutoencoderConfig.tiny())
+        convs = [p for p in model.parameters() if p.dim() == 4]
+        assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+        plain = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+        assert all(p.is_contiguous() for p in plain.parameters())
+        encode = lambda m: m.encode(x)[0] if cls is VAE else m.encode(x)  # noqa: E731
+        assert torch.allclose(encode(model), encode(plain), atol=1e-5)
+        z = torch.randn(4, model.config.latent_dim, generator=torch.Generator().manual_seed(1))
+        assert torch.allclose(model.decode(z), plain.decode(z), atol=1e-5)
