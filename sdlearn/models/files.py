@@ -201,3 +201,21 @@ def _swap_in(new: Path, folder: Path, ours: list[Path], backup: Path, superseded
         raise
     for directory in sorted({(folder / rel).parent for rel in ours} | {folder}, key=lambda p: -len(p.parts)):
         fsync_dir(directory)
+
+
+def save_pipeline_folder(folder, parts: dict, scheduler_config: dict, model_index: dict,
+                         superseded: Iterable[str] = ()) -> Path:
+    """Save a diffusers pipeline folder (with save_folder's all-or-nothing swap): each model of
+    `parts` (subfolder name -> an object with write_files(path)) in its subfolder, then
+    scheduler/scheduler_config.json and model_index.json."""
+    import json
+
+    def write(staging: Path) -> None:
+        for name, part in parts.items():
+            part.write_files(staging / name)
+        (staging / "scheduler").mkdir()
+        (staging / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2) + "\n")
+        (staging / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
+
+    return save_folder(folder, write, superseded=superseded)
+

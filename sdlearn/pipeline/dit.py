@@ -45,7 +45,7 @@ import torch
 
 from sdlearn.diffusion.scheduler_configs import SAMPLER_FOR_SCHEDULER, get_sampler
 from sdlearn.models.dit import DiT
-from sdlearn.models.files import save_folder
+from sdlearn.models.files import save_pipeline_folder
 from sdlearn.models.noise import randn
 from sdlearn.models.vae import AutoencoderKL
 from sdlearn.pipeline.images import to_pil
@@ -122,14 +122,7 @@ class DiTPipeline:
             "id2label": {str(k): v for k, v in sorted(self.id2label.items())},  # JSON keys are strings, as on the hub
         }
 
-        def write(staging: Path) -> None:
-            self.transformer.write_files(staging / "transformer")
-            self.vae.write_files(staging / "vae")
-            (staging / "scheduler").mkdir()
-            (staging / "scheduler" / "scheduler_config.json").write_text(json.dumps(self.scheduler_config, indent=2) + "\n")
-            (staging / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
-
-        return save_folder(folder, write)
+        return save_pipeline_folder(folder, {"transformer": self.transformer, "vae": self.vae}, self.scheduler_config, model_index)
 
     # -- parts -----------------------------------------------------------------------------
 

@@ -65,7 +65,7 @@ import torch.nn.functional as F
 
 from sdlearn.diffusion.guidance import classifier_free_guidance
 from sdlearn.models.clip import CLIPTextModel, CLIPTokenizer
-from sdlearn.models.files import save_folder
+from sdlearn.models.files import save_pipeline_folder
 from sdlearn.pipeline.images import image_to_tensor, mask_to_tensor, to_pil  # noqa: F401 (mask_to_tensor: public here too)
 from sdlearn.diffusion.samplers import SAMPLER_NAMES
 from sdlearn.diffusion.scheduler_configs import SAMPLER_FOR_SCHEDULER, SD_SCHEDULER_CONFIG, get_sampler
@@ -755,17 +755,9 @@ class StableDiffusion:
             "vae": ["diffusers", "AutoencoderKL"],
         }
 
-        def write(staging: Path) -> None:  # the whole new pipeline, in a temporary folder
-            self.unet.write_files(staging / "unet")
-            self.vae.write_files(staging / "vae")
-            self.text_encoder.write_files(staging / "text_encoder")
-            self.tokenizer.write_files(staging / "tokenizer")
-            (staging / "scheduler").mkdir()
-            (staging / "scheduler" / "scheduler_config.json").write_text(json.dumps(self.scheduler_config, indent=2) + "\n")
-            (staging / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
-
+        parts = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer}
         superseded = [f"tokenizer/{name}" for name in self.tokenizer.superseded_names]
-        return save_folder(folder, write, superseded=superseded)
+        return save_pipeline_folder(folder, parts, self.scheduler_config, model_index, superseded)
 
     def save_single_file(self, path, overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
         """Write one .safetensors file in the original CompVis layout (see sdlearn.pipeline.single_file.save_single_file)."""

@@ -35,7 +35,7 @@ import torch
 
 from sdlearn.models.checkpoint import CheckpointError
 from sdlearn.models.clip import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, sdxl_prompt_embeds
-from sdlearn.models.files import save_folder
+from sdlearn.models.files import save_pipeline_folder
 from sdlearn.models.unet import UNet
 from sdlearn.models.vae import AutoencoderKL
 from sdlearn.pipeline.stable_diffusion import StableDiffusion
@@ -180,20 +180,11 @@ class StableDiffusionXL(StableDiffusion):
             "vae": ["diffusers", "AutoencoderKL"],
         }
 
-        def write(staging: Path) -> None:
-            self.unet.write_files(staging / "unet")
-            self.vae.write_files(staging / "vae")
-            self.text_encoder.write_files(staging / "text_encoder")
-            self.text_encoder_2.write_files(staging / "text_encoder_2")
-            self.tokenizer.write_files(staging / "tokenizer")
-            self.tokenizer_2.write_files(staging / "tokenizer_2")
-            (staging / "scheduler").mkdir()
-            (staging / "scheduler" / "scheduler_config.json").write_text(json.dumps(self.scheduler_config, indent=2) + "\n")
-            (staging / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
-
+        parts = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2,
+                 "tokenizer": self.tokenizer, "tokenizer_2": self.tokenizer_2}
         superseded = [f"{name}/{file}" for name, tok in (("tokenizer", self.tokenizer), ("tokenizer_2", self.tokenizer_2))
                       for file in tok.superseded_names]
-        return save_folder(folder, write, superseded=superseded)
+        return save_pipeline_folder(folder, parts, self.scheduler_config, model_index, superseded)
 
     @classmethod
     def from_pretrained(cls, folder, device=None, dtype=None, check_finite: bool = True) -> "StableDiffusionXL":
